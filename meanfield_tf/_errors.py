@@ -1,0 +1,81 @@
+"""Errors raised on bad input, and the checks that raise them.
+
+Every check names the offending argument, says what is wrong with it, and says how to fix it,
+in one line, so that the CLI can print it without a traceback.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class MeanFieldError(ValueError):
+    """Base class of every error meanfield_tf raises on bad input or a failed solve."""
+
+
+class InputError(MeanFieldError):
+    """An argument has the wrong shape, dtype or value."""
+
+
+class ConfigError(MeanFieldError):
+    """A configuration file or override is malformed (unknown key, wrong type, bad value)."""
+
+
+class SolverError(MeanFieldError):
+    """A differential-equation solve did not reach the end of the depth interval."""
+
+
+def _concrete(value):
+    """The value as a NumPy array, or `None` when it is a tracer (inside `jit`)."""
+    try:
+        return np.asarray(value)
+    except Exception:  # a JAX tracer cannot be converted: checks are skipped under jit
+        return None
+
+
+def check_shape(name: str, value, shape: tuple, fix: str = "") -> None:
+    """Raise `InputError` unless `value.shape` matches `shape` (`None` entries match anything)."""
+    got = tuple(np.shape(value))
+    ok = len(got) == len(shape) and all(s is None or s == g for s, g in zip(shape, got))
+    if not ok:
+        want = "(" + ", ".join("?" if s is None else str(s) for s in shape) + ")"
+        msg = f"{name} has shape {got}, expected {want}"
+        raise InputError(msg + (f"; {fix}" if fix else ""))
+
+
+def check_finite(name: str, value) -> None:
+    """Raise `InputError` if a concrete `value` holds NaN or inf (no-op under `jit`)."""
+    arr = _concrete(value)
+    if arr is None or arr.dtype.kind not in "fc":
+        return
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise InputError(
+            f"{name} contains {int(bad.sum())} non-finite value(s) (NaN or inf), first at index "
+            f"{first}; clean or drop those entries before simulating"
+        )
+
+
+def check_weights(name: str, w, *, atol: float | None = None) -> None:
+    """Raise `InputError` unless concrete weights are ≥ 0 and each row sums to 1."""
+    check_finite(name, w)
+    arr = _concrete(w)
+    if arr is None:
+        return
+    if (arr < 0).any():
+        first = tuple(int(i) for i in np.argwhere(arr < 0)[0])
+        raise InputError(
+            f"{name} has negative entries (first at index {first}); token weights must be >= 0 "
+            f"(use 0 for padding)"
+        )
+    sums = arr.sum(axis=-1)
+    if atol is None:
+        atol = 1e-5 if arr.dtype == np.float32 else 1e-10
+    bad = np.abs(sums - 1) > atol * max(1, arr.shape[-1])
+    if bad.any():
+        i = int(np.argwhere(bad)[0][0])
+        raise InputError(
+            f"{name} rows must sum to 1 (each sequence is a probability measure); row {i} sums to "
+            f"{float(sums[i]):.6g}; divide each row by its sum"
+        )

@@ -1,0 +1,125 @@
+r"""The forward flow of token measures through the continuous-depth, infinite-head transformer.
+
+$$\frac{dX_s}{ds} = v[\nu_s, \mu_s](X_s) = \int a_\theta[\mu_s](X_s)\, d\nu_s(\theta),
+\qquad \mu_s = \text{law of } X_s,$$
+
+a McKean–Vlasov flow: every token's velocity depends on all tokens of its sequence. With the
+default `diffrax.Euler()` and `FixedSteps(1)` this is exactly the finite transformer with `L`
+layers of `M` heads (residual scale `1/L`, head average `1/M`).
+"""
+
+from __future__ import annotations
+
+import diffrax
+import equinox as eqx
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+from ._attention import AttentionKernel, DenseKernel, attention_velocity
+from ._depth import AdaptiveSteps, CellArgs, FixedSteps, Stepping, integrate_depth
+from ._errors import InputError
+from ._heads import HeadMeasure, merged_query_key
+from ._tokens import TokenBatch
+
+
+class AttentionField(eqx.Module):
+    """The vector field `v[ν_s, μ](x)` of the whole batch, as a diffrax vector field.
+
+    Called as `field(s, x, args)` with `x` of shape `(B, n, d)` and `args` a `CellArgs` whose
+    `extra` holds the token weights `(B, n)`.
+    """
+
+    kernel: AttentionKernel = DenseKernel()
+
+    def __call__(self, s, x: Float[Array, "B n d"], args: CellArgs) -> Float[Array, "B n d"]:
+        theta = args.params_at(s)
+        return attention_velocity(self.kernel, x, args.extra, merged_query_key(theta), theta["V"])
+
+
+class FlowSolution(eqx.Module):
+    """Result of `flow`: final tokens `x` `(B, n, d)`, saved depths `s` `(T,)`, states `xs`
+    `(T, B, n, d)`, accepted steps per layer `(L,)` and per-layer convergence flags `(L,)`."""
+
+    x: Float[Array, "B n d"]
+    s: Float[Array, " T"]
+    xs: Float[Array, "T B n d"]
+    num_steps: Int[Array, " L"]
+    converged: Bool[Array, " L"]
+
+
+def check_compatible(heads: HeadMeasure, tokens: TokenBatch) -> None:
+    """Raise `InputError` unless heads and tokens share dimension and dtype."""
+    if heads.dim != tokens.dim:
+        raise InputError(
+            f"heads act on dimension d={heads.dim} but tokens live in d={tokens.dim}; "
+            f"A and V must be (L, M, d, d) with the tokens' d"
+        )
+    if heads.dtype != tokens.x.dtype:
+        raise InputError(
+            f"heads are {heads.dtype} but tokens are {tokens.x.dtype}; cast one of them "
+            f"(heads.astype(...) or TokenBatch(x.astype(...), w.astype(...)))"
+        )
+
+
+def flow(
+    heads: HeadMeasure,
+    tokens: TokenBatch,
+    *,
+    solver: diffrax.AbstractSolver = diffrax.Euler(),
+    stepping: Stepping = FixedSteps(1),
+    kernel: AttentionKernel = DenseKernel(),
+    depths: Float[Array, " T"] | None = None,
+    adjoint: diffrax.AbstractAdjoint = diffrax.RecursiveCheckpointAdjoint(),
+) -> FlowSolution:
+    """Push a batch of token measures through the transformer of head measure `heads`.
+
+    **Arguments:**
+
+    - `heads`: the head particles (`L` cells × `M` heads).
+    - `tokens`: the batch of `B` sequences of `n` tokens in `R^d`.
+    - `solver`: any diffrax ODE solver. Default `Euler()`: the finite transformer.
+    - `stepping`: `FixedSteps(k)` (k steps per layer) or `AdaptiveSteps(rtol, atol)`.
+    - `kernel`: `DenseKernel()` or `ChunkedKernel(chunk_size)`.
+    - `depths`: sorted depths in `[0, 1]` to save at; default: every layer edge `l/L`.
+    - `adjoint`: how diffrax differentiates the solve (default: checkpointed autodiff).
+
+    **Returns:** a `FlowSolution`. Call `check_converged(sol)` outside `jit` to turn a failed
+    adaptive solve into a `SolverError`.
+    """
+    check_compatible(heads, tokens)
+    if depths is not None:
+        depths = jnp.asarray(depths, heads.dtype)
+        if depths.ndim != 1:
+            raise InputError(f"depths must be a 1-D array of depths in [0, 1], got shape {depths.shape}")
+        try:
+            import numpy as np
+
+            dd = np.asarray(depths)
+            if dd.size and ((dd < 0).any() or (dd > 1).any() or (np.diff(dd) < 0).any()):
+                raise InputError("depths must be sorted and lie in [0, 1]")
+        except InputError:
+            raise
+        except Exception:
+            pass
+    return _flow(heads, tokens, solver, stepping, kernel, depths, adjoint)
+
+
+@eqx.filter_jit
+def _flow(heads, tokens, solver, stepping, kernel, depths, adjoint):
+    sol = integrate_depth(
+        AttentionField(kernel), tokens.x, heads, solver=solver, stepping=stepping,
+        extra=tokens.w, depths=depths, adjoint=adjoint,
+    )
+    return FlowSolution(x=sol.y1, s=sol.ts, xs=sol.ys, num_steps=sol.num_steps,
+                        converged=sol.converged)
+
+
+def check_converged(sol) -> None:
+    """Raise `SolverError` (outside `jit`) if any layer's solve failed."""
+    from ._depth import DepthSolution
+
+    DepthSolution(ts=sol.s, ys=None, y1=None, num_steps=sol.num_steps,
+                  converged=sol.converged).check()
+
+
+

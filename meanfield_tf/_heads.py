@@ -1,0 +1,231 @@
+r"""The head measure $\nu = \int \delta_s \otimes \nu_s\, ds$, held as particles.
+
+Depth $[0, 1]$ is cut into $L$ cells $[l/L, (l+1)/L)$ with $M$ head particles each. Two
+parametrisations of a head:
+
+- **merged** (default): $\theta = (A, V)$, $A, V \in \mathbb{R}^{d\times d}$;
+- **factored**: $\theta = (Q, K, V)$ with $Q, K \in \mathbb{R}^{k\times d}$ and $A = Q^\top K$.
+  Same velocity field, but a different training metric (gradients live on $(Q, K)$, not $A$).
+
+Two depth interpolations:
+
+- **piecewise** (default): arrays have $L$ entries along depth; $\nu_s$ is the empirical measure
+  of cell $\lfloor sL \rfloor$. Explicit Euler with one step per cell is exactly the finite
+  transformer $X^{l+1} = X^l + \frac{1}{L}\frac{1}{M}\sum_m a_{\theta_{l,m}}[\mu^l](X^l)$.
+- **linear**: arrays have $L + 1$ nodes; particle $m$ moves linearly from node $l$ to node $l+1$
+  across cell $l$ (a continuous-in-depth parameter path).
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from ._errors import InputError, check_finite
+
+_INTERPOLATIONS = ("piecewise", "linear")
+
+
+class HeadMeasure(eqx.Module):
+    """Head particles for `L` depth cells × `M` heads.
+
+    **Fields:**
+
+    - `params`: a dict of arrays, each of shape `(N, M, ...)` with `N = L` (piecewise) or
+      `N = L + 1` (linear): `{"A": (N,M,d,d), "V": (N,M,d,d)}` (merged) or
+      `{"Q": (N,M,k,d), "K": (N,M,k,d), "V": (N,M,d,d)}` (factored).
+    - `interpolation`: `"piecewise"` or `"linear"` (static).
+
+    Build one with `HeadMeasure(A=..., V=...)` or `HeadMeasure(Q=..., K=..., V=...)`.
+    """
+
+    params: dict[str, Array]
+    interpolation: str = eqx.field(static=True)
+
+    def __init__(self, *, A=None, V=None, Q=None, K=None, interpolation: str = "piecewise",
+                 check: bool = True):
+        if interpolation not in _INTERPOLATIONS:
+            raise InputError(
+                f"unknown depth interpolation {interpolation!r}; use one of {_INTERPOLATIONS}"
+            )
+        if V is None:
+            raise InputError("a head measure needs value matrices V of shape (L, M, d, d)")
+        if A is not None and (Q is not None or K is not None):
+            raise InputError("give either A (merged heads) or Q and K (factored heads), not both")
+        if A is None and (Q is None or K is None):
+            raise InputError("give A (merged heads) or both Q and K (factored heads)")
+        V = jnp.asarray(V)
+        params = {"V": V}
+        if A is not None:
+            params["A"] = jnp.asarray(A, V.dtype)
+        else:
+            params["Q"] = jnp.asarray(Q, V.dtype)
+            params["K"] = jnp.asarray(K, V.dtype)
+        if check:
+            _validate(params)
+        self.params = params
+        self.interpolation = interpolation
+
+    # -- shapes ---------------------------------------------------------------------------------
+    @property
+    def factored(self) -> bool:
+        return "Q" in self.params
+
+    @property
+    def num_layers(self) -> int:
+        """L, the number of depth cells."""
+        n = self.params["V"].shape[0]
+        return n - 1 if self.interpolation == "linear" else n
+
+    @property
+    def num_heads(self) -> int:
+        return self.params["V"].shape[1]
+
+    @property
+    def dim(self) -> int:
+        return self.params["V"].shape[-1]
+
+    @property
+    def dtype(self):
+        return self.params["V"].dtype
+
+    @property
+    def A(self) -> Float[Array, "N M d d"]:
+        """Merged query-key matrices (computed as QᵀK for factored heads)."""
+        return merged_query_key(self.params)
+
+    @property
+    def V(self) -> Float[Array, "N M d d"]:
+        return self.params["V"]
+
+    def astype(self, dtype) -> "HeadMeasure":
+        return eqx.tree_at(lambda h: h.params, self,
+                           {k: v.astype(dtype) for k, v in self.params.items()})
+
+    def cells(self) -> tuple[dict[str, Array], dict[str, Array]]:
+        """Parameters at the left and right end of every cell, each leaf of shape `(L, M, ...)`.
+
+        Piecewise: both ends are the cell's particles. Linear: nodes `l` and `l + 1`.
+        """
+        if self.interpolation == "linear":
+            return ({k: v[:-1] for k, v in self.params.items()},
+                    {k: v[1:] for k, v in self.params.items()})
+        return self.params, self.params
+
+    def at_depth(self, s) -> dict[str, Array]:
+        """Particles of ν_s at a depth `s ∈ [0, 1]`, each leaf of shape `(M, ...)`."""
+        L = self.num_layers
+        s = jnp.asarray(s, self.dtype)
+        cell = jnp.clip(jnp.floor(s * L).astype(jnp.int32), 0, L - 1)
+        left, right = self.cells()
+        u = s * L - cell
+        return interpolate_cell(jax.tree.map(lambda a: a[cell], left),
+                                jax.tree.map(lambda a: a[cell], right), u)
+
+
+def merged_query_key(params: dict[str, Array]) -> Array:
+    """`A` from a parameter dict: itself (merged) or `Qᵀ K` (factored), over leading axes."""
+    if "A" in params:
+        return params["A"]
+    return jnp.einsum("...ki,...kj->...ij", params["Q"], params["K"])
+
+
+def interpolate_cell(left: dict[str, Array], right: dict[str, Array], u) -> dict[str, Array]:
+    """`(1 - u) θ_left + u θ_right`, written so that `left is right` returns `left` exactly."""
+    return jax.tree.map(lambda a, b: a + u.astype(a.dtype) * (b - a), left, right)
+
+
+def _validate(params: dict[str, Array]) -> None:
+    V = params["V"]
+    if V.ndim != 4 or V.shape[-1] != V.shape[-2]:
+        raise InputError(f"heads V has shape {tuple(V.shape)}, expected (L, M, d, d)")
+    n, m, d, _ = V.shape
+    if n < 1 or m < 1:
+        raise InputError(f"heads V has shape {tuple(V.shape)}: need at least one layer and one head")
+    if "A" in params:
+        if params["A"].shape != V.shape:
+            raise InputError(
+                f"heads A has shape {tuple(params['A'].shape)} but V has {tuple(V.shape)}; "
+                f"A and V must both be (L, M, d, d)"
+            )
+    else:
+        q, k = params["Q"], params["K"]
+        if q.ndim != 4 or q.shape != k.shape or q.shape[:2] != (n, m) or q.shape[-1] != d:
+            raise InputError(
+                f"factored heads need Q and K of shape (L, M, k, d) = (.., .., k, {d}) matching V "
+                f"{tuple(V.shape)}; got Q {tuple(q.shape)}, K {tuple(k.shape)}"
+            )
+    for name, arr in params.items():
+        if not jnp.issubdtype(arr.dtype, jnp.floating):
+            raise InputError(f"heads {name} must be floating point, got {arr.dtype}")
+        check_finite(f"heads {name}", arr)
+
+
+# ---------------------------------------------------------------------------------------------
+# Initialisations
+
+
+def _cells(num_layers: int, interpolation: str) -> int:
+    if num_layers < 1:
+        raise InputError(f"num_layers must be >= 1, got {num_layers}")
+    return num_layers + 1 if interpolation == "linear" else num_layers
+
+
+def gaussian_heads(
+    key: PRNGKeyArray,
+    num_layers: int,
+    num_heads: int,
+    dim: int,
+    *,
+    scale_A: float = 1.0,
+    scale_V: float = 1.0,
+    rank: int | None = None,
+    interpolation: str = "piecewise",
+    dtype=None,
+) -> HeadMeasure:
+    r"""I.i.d. Gaussian particles: entries of A (or Q, K) and V are $N(0, \sigma^2 / d)$.
+
+    With this scaling a matrix has operator norm $O(\sigma)$ whatever $d$. For factored heads
+    (`rank=k`), Q and K entries have variance $\sigma_A / \sqrt{k d}$, so that $A = Q^\top K$
+    has the same entry variance $\sigma_A^2 / d$ as in the merged case.
+    """
+    dtype = dtype or jnp.result_type(float)
+    n = _cells(num_layers, interpolation)
+    kA, kV, kK = jax.random.split(key, 3)
+    d = dim
+    V = scale_V / jnp.sqrt(d) * jax.random.normal(kV, (n, num_heads, d, d), dtype)
+    if rank is None:
+        A = scale_A / jnp.sqrt(d) * jax.random.normal(kA, (n, num_heads, d, d), dtype)
+        return HeadMeasure(A=A, V=V, interpolation=interpolation)
+    s = jnp.sqrt(scale_A / jnp.sqrt(d)) / rank**0.25
+    Q = s * jax.random.normal(kA, (n, num_heads, rank, d), dtype)
+    K = s * jax.random.normal(kK, (n, num_heads, rank, d), dtype)
+    return HeadMeasure(Q=Q, K=K, V=V, interpolation=interpolation)
+
+
+def symmetric_heads(
+    key: PRNGKeyArray,
+    num_layers: int,
+    num_heads: int,
+    dim: int,
+    *,
+    scale_A: float = 1.0,
+    scale_V: float = 1.0,
+    rank: int | None = None,
+    interpolation: str = "piecewise",
+    dtype=None,
+) -> HeadMeasure:
+    r"""The symmetric zero-velocity initialisation: heads come in pairs $(A, V)$ and $(A, -V)$.
+
+    Head $m + M/2$ mirrors head $m$, so the head-averaged velocity is zero and the initial flow is
+    the identity, while the NTK is non-degenerate. `num_heads` must be even.
+    """
+    if num_heads % 2:
+        raise InputError(f"symmetric_heads needs an even number of heads, got {num_heads}")
+    half = gaussian_heads(key, num_layers, num_heads // 2, dim, scale_A=scale_A, scale_V=scale_V,
+                          rank=rank, interpolation=interpolation, dtype=dtype)
+    p = half.params
+    doubled = {k: jnp.concatenate([v, -v if k == "V" else v], axis=1) for k, v in p.items()}
+    return HeadMeasure(**doubled, interpolation=interpolation)
