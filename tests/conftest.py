@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 jax.config.update("jax_enable_x64", True)
-jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
 def tree_allclose(a, b, *, rtol, atol=0.0) -> bool:
