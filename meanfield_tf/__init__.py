@@ -31,5 +31,6 @@ from ._tokens import TokenBatch as TokenBatch
 from ._tokens import UniformBall as UniformBall
 from ._tokens import UniformBox as UniformBox
 from ._tokens import sample_tokens as sample_tokens
+from ._solvers import ClassicalRK4 as ClassicalRK4
 
 __version__ = "0.1.0"

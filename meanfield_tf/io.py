@@ -1,0 +1,89 @@
+"""Reading and writing the file formats of the CLI: token, head and target `.npz` files.
+
+Every reader validates what it loads and raises `InputError` naming the file, the key and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+
+from ._errors import InputError
+from ._heads import HeadMeasure
+from ._tokens import TokenBatch
+
+
+def _open_npz(path, required: tuple[str, ...], what: str) -> dict[str, np.ndarray]:
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{what} file {str(path)!r} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        raise InputError(f"{what} file {str(path)!r} is not a readable .npz archive ({err})") from None
+    missing = [k for k in required if k not in arrays]
+    if missing:
+        raise InputError(
+            f"{what} file {str(path)!r} lacks key(s) {missing} (it has {sorted(arrays)}); "
+            f"save it with np.savez(path, {', '.join(f'{k}=...' for k in required)})"
+        )
+    return arrays
+
+
+def load_tokens(path, dtype=None) -> TokenBatch:
+    """Tokens from an `.npz` with key `x` `(B, n, d)` and optional `w` `(B, n)` (uniform if absent)."""
+    data = _open_npz(path, ("x",), "tokens")
+    x = np.asarray(data["x"])
+    dtype = dtype or (x.dtype if x.dtype.kind == "f" else np.float32)
+    w = data.get("w")
+    try:
+        return TokenBatch(jnp.asarray(x, dtype), None if w is None else jnp.asarray(w, dtype))
+    except InputError as err:
+        raise InputError(f"{path}: {err}") from None
+
+
+def load_heads(path, dtype=None, interpolation: str = "piecewise") -> HeadMeasure:
+    """Heads from an `.npz` with keys `A` and `V`, each `(L, M, d, d)` (or `Q`, `K`, `V` factored)."""
+    probe = _open_npz(path, ("V",), "heads")
+    required = ("Q", "K", "V") if "Q" in probe and "A" not in probe else ("A", "V")
+    data = _open_npz(path, required, "heads")
+    dtype = dtype or (data["V"].dtype if data["V"].dtype.kind == "f" else np.float32)
+    arrays = {k: jnp.asarray(data[k], dtype) for k in required}
+    try:
+        return HeadMeasure(**arrays, interpolation=interpolation)
+    except InputError as err:
+        raise InputError(f"{path}: {err}") from None
+
+
+def load_array(path, key: str, what: str, shape: tuple, dtype) -> jnp.ndarray:
+    """One array `key` from an `.npz`, checked against `shape` (`None` matches anything) and finiteness."""
+    from ._errors import check_finite, check_shape
+
+    data = _open_npz(path, (key,), what)
+    arr = data[key]
+    check_shape(f"{what} {key} in {path}", arr, shape)
+    check_finite(f"{what} {key} in {path}", arr)
+    return jnp.asarray(arr, dtype)
+
+
+def save_npz_atomic(path, **arrays) -> None:
+    """Write an `.npz` atomically: a temporary file in the same directory, then a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **{k: np.asarray(v) for k, v in arrays.items()})
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
