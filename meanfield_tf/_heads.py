@@ -181,13 +181,19 @@ def gaussian_heads(
     *,
     scale_A: float = 1.0,
     scale_V: float = 1.0,
+    mean_A: float = 0.0,
+    mean_V: float = 0.0,
     rank: int | None = None,
     interpolation: str = "piecewise",
     dtype=None,
 ) -> HeadMeasure:
-    r"""I.i.d. Gaussian particles: entries of A (or Q, K) and V are $N(0, \sigma^2 / d)$.
+    r"""I.i.d. Gaussian particles: $A = a I + G_A$, $V = b I + G_V$ with entries of $G$ i.i.d.
+    $N(0, \sigma^2 / d)$ ($a$ = `mean_A`, $b$ = `mean_V`).
 
-    With this scaling a matrix has operator norm $O(\sigma)$ whatever $d$. For factored heads
+    With this scaling a random matrix has operator norm $O(\sigma)$ whatever $d$. Zero-mean heads
+    average out: the velocity of $M$ i.i.d. heads is $O(M^{-1/2})$, so visible dynamics at large
+    $M$ need a non-zero mean (e.g. `mean_A = β`, `mean_V = 1`: the clustering dynamics of
+    self-attention). For factored heads
     (`rank=k`), Q and K entries have variance $\sigma_A / \sqrt{k d}$, so that $A = Q^\top K$
     has the same entry variance $\sigma_A^2 / d$ as in the merged case.
     """
@@ -195,10 +201,13 @@ def gaussian_heads(
     n = _cells(num_layers, interpolation)
     kA, kV, kK = jax.random.split(key, 3)
     d = dim
-    V = scale_V / jnp.sqrt(d) * jax.random.normal(kV, (n, num_heads, d, d), dtype)
+    eye = jnp.eye(d, dtype=dtype)
+    V = mean_V * eye + scale_V / jnp.sqrt(d) * jax.random.normal(kV, (n, num_heads, d, d), dtype)
     if rank is None:
-        A = scale_A / jnp.sqrt(d) * jax.random.normal(kA, (n, num_heads, d, d), dtype)
+        A = mean_A * eye + scale_A / jnp.sqrt(d) * jax.random.normal(kA, (n, num_heads, d, d), dtype)
         return HeadMeasure(A=A, V=V, interpolation=interpolation)
+    if mean_A:
+        raise InputError("mean_A is not available for factored heads (A = QᵀK); use rank=None")
     s = jnp.sqrt(scale_A / jnp.sqrt(d)) / rank**0.25
     Q = s * jax.random.normal(kA, (n, num_heads, rank, d), dtype)
     K = s * jax.random.normal(kK, (n, num_heads, rank, d), dtype)
@@ -213,6 +222,7 @@ def symmetric_heads(
     *,
     scale_A: float = 1.0,
     scale_V: float = 1.0,
+    mean_A: float = 0.0,
     rank: int | None = None,
     interpolation: str = "piecewise",
     dtype=None,
@@ -225,7 +235,7 @@ def symmetric_heads(
     if num_heads % 2:
         raise InputError(f"symmetric_heads needs an even number of heads, got {num_heads}")
     half = gaussian_heads(key, num_layers, num_heads // 2, dim, scale_A=scale_A, scale_V=scale_V,
-                          rank=rank, interpolation=interpolation, dtype=dtype)
+                          mean_A=mean_A, rank=rank, interpolation=interpolation, dtype=dtype)
     p = half.params
     doubled = {k: jnp.concatenate([v, -v if k == "V" else v], axis=1) for k, v in p.items()}
     return HeadMeasure(**doubled, interpolation=interpolation)

@@ -213,6 +213,8 @@ class HeadsConfig:
     init: str = "gaussian"  # gaussian | symmetric
     scale_A: float = 1.0
     scale_V: float = 1.0
+    mean_A: float = 0.0  # A = mean_A I + noise
+    mean_V: float = 0.0  # V = mean_V I + noise (gaussian init only)
     rank: Optional[int] = None  # factored heads (Q, K of rank k) when set
     interpolation: str = "piecewise"  # piecewise | linear
 
@@ -228,6 +230,8 @@ class HeadsConfig:
             raise ConfigError(
                 f"heads.interpolation must be 'piecewise' or 'linear', got {self.interpolation!r}"
             )
+        if self.init == "symmetric" and self.mean_V:
+            raise ConfigError("heads.mean_V must be 0 with init=symmetric (pairs (A, V), (A, -V))")
         if self.scale_A < 0 or self.scale_V < 0:
             raise ConfigError("heads.scale_A and heads.scale_V must be >= 0")
 
@@ -350,6 +354,8 @@ def heads_from_config(cfg: HeadsConfig, key, dtype):
     """Initialise the head measure a `HeadsConfig` describes."""
     from ._heads import gaussian_heads, symmetric_heads
 
-    init = gaussian_heads if cfg.init == "gaussian" else symmetric_heads
-    return init(key, cfg.layers, cfg.heads, cfg.dim, scale_A=cfg.scale_A, scale_V=cfg.scale_V,
-                rank=cfg.rank, interpolation=cfg.interpolation, dtype=dtype)
+    common = dict(scale_A=cfg.scale_A, scale_V=cfg.scale_V, mean_A=cfg.mean_A, rank=cfg.rank,
+                  interpolation=cfg.interpolation, dtype=dtype)
+    if cfg.init == "gaussian":
+        return gaussian_heads(key, cfg.layers, cfg.heads, cfg.dim, mean_V=cfg.mean_V, **common)
+    return symmetric_heads(key, cfg.layers, cfg.heads, cfg.dim, **common)
