@@ -96,6 +96,12 @@ class TokenBatch(eqx.Module):
 # Analytic families
 
 
+def _as_float(a):
+    """`a` as a JAX array, keeping a floating dtype, else JAX's default float."""
+    a = jnp.asarray(a)
+    return a if jnp.issubdtype(a.dtype, jnp.floating) else a.astype(jnp.result_type(float))
+
+
 class Discrete(eqx.Module):
     r"""$\mu = \sum_k w_k \delta_{a_k}$: given atoms `(k, d)` and weights `(k,)` (uniform if None)."""
 
@@ -103,7 +109,7 @@ class Discrete(eqx.Module):
     weights: Float[Array, " k"]
 
     def __init__(self, atoms, weights=None):
-        atoms = jnp.asarray(atoms, dtype=jnp.result_type(float))
+        atoms = _as_float(atoms)
         if atoms.ndim != 2:
             raise InputError(f"Discrete atoms have shape {atoms.shape}, expected (k, d)")
         k = atoms.shape[0]
@@ -141,7 +147,7 @@ class Gaussian(eqx.Module):
     cov: Float[Array, "d d"]
 
     def __init__(self, mean, cov):
-        mean = jnp.asarray(mean, dtype=jnp.result_type(float))
+        mean = _as_float(mean)
         cov = jnp.asarray(cov, dtype=mean.dtype)
         if mean.ndim != 1:
             raise InputError(f"Gaussian mean has shape {mean.shape}, expected (d,)")
@@ -175,7 +181,7 @@ class GaussianMixture(eqx.Module):
     covs: Float[Array, "K d d"]
 
     def __init__(self, weights, means, covs):
-        means = jnp.asarray(means, dtype=jnp.result_type(float))
+        means = _as_float(means)
         if means.ndim != 2:
             raise InputError(f"GaussianMixture means have shape {means.shape}, expected (K, d)")
         k, d = means.shape
@@ -221,7 +227,7 @@ class UniformBox(eqx.Module):
     high: Float[Array, " d"]
 
     def __init__(self, low, high):
-        low = jnp.asarray(low, dtype=jnp.result_type(float))
+        low = _as_float(low)
         high = jnp.asarray(high, low.dtype)
         check_shape("UniformBox high", high, low.shape, "low and high are both (d,)")
         if low.ndim != 1 or not bool(jnp.all(high > low)):
@@ -257,7 +263,7 @@ class UniformBall(eqx.Module):
     radius: Float[Array, ""]
 
     def __init__(self, center, radius):
-        center = jnp.asarray(center, dtype=jnp.result_type(float))
+        center = _as_float(center)
         radius = jnp.asarray(radius, center.dtype)
         if center.ndim != 1 or radius.ndim != 0 or not bool(radius > 0):
             raise InputError("UniformBall needs a center of shape (d,) and a scalar radius > 0")
