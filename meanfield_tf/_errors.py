@@ -25,7 +25,7 @@ class SolverError(MeanFieldError):
     """A differential-equation solve did not reach the end of the depth interval."""
 
 
-def _concrete(value):
+def concrete_or_none(value):
     """The value as a NumPy array, or `None` when it is a tracer (inside `jit`)."""
     try:
         return np.asarray(value)
@@ -45,7 +45,7 @@ def check_shape(name: str, value, shape: tuple, fix: str = "") -> None:
 
 def check_finite(name: str, value) -> None:
     """Raise `InputError` if a concrete `value` holds NaN or inf (no-op under `jit`)."""
-    arr = _concrete(value)
+    arr = concrete_or_none(value)
     if arr is None or arr.dtype.kind not in "fc":
         return
     bad = ~np.isfinite(arr)
@@ -60,7 +60,7 @@ def check_finite(name: str, value) -> None:
 def check_weights(name: str, w, *, atol: float | None = None) -> None:
     """Raise `InputError` unless concrete weights are ≥ 0 and each row sums to 1."""
     check_finite(name, w)
-    arr = _concrete(w)
+    arr = concrete_or_none(w)
     if arr is None:
         return
     if (arr < 0).any():
@@ -79,3 +79,6 @@ def check_weights(name: str, w, *, atol: float | None = None) -> None:
             f"{name} rows must sum to 1 (each sequence is a probability measure); row {i} sums to "
             f"{float(sums[i]):.6g}; divide each row by its sum"
         )
+
+
+_concrete = concrete_or_none  # private alias kept for modules that import the old name

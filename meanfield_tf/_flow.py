@@ -17,7 +17,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from ._attention import AttentionKernel, DenseKernel, attention_velocity
 from ._depth import AdaptiveSteps, CellArgs, FixedSteps, Stepping, integrate_depth
-from ._errors import InputError
+from ._errors import InputError, concrete_or_none
 from ._heads import HeadMeasure, merged_query_key
 from ._tokens import TokenBatch
 
@@ -45,6 +45,16 @@ class FlowSolution(eqx.Module):
     xs: Float[Array, "T B n d"]
     num_steps: Int[Array, " L"]
     converged: Bool[Array, " L"]
+
+
+def check_depths(depths: Float[Array, " T"]) -> None:
+    """Raise `InputError` unless `depths` is 1-D and (when concrete) sorted within `[0, 1]`."""
+    if depths.ndim != 1 or depths.shape[0] < 1:
+        raise InputError(f"depths must be a non-empty 1-D array of depths in [0, 1], got shape "
+                         f"{depths.shape}")
+    dd = concrete_or_none(depths)
+    if dd is not None and ((dd < 0).any() or (dd > 1).any() or (dd[1:] < dd[:-1]).any()):
+        raise InputError("depths must be sorted and lie in [0, 1]")
 
 
 def check_compatible(heads: HeadMeasure, tokens: TokenBatch) -> None:
@@ -89,18 +99,7 @@ def flow(
     check_compatible(heads, tokens)
     if depths is not None:
         depths = jnp.asarray(depths, heads.dtype)
-        if depths.ndim != 1:
-            raise InputError(f"depths must be a 1-D array of depths in [0, 1], got shape {depths.shape}")
-        try:
-            import numpy as np
-
-            dd = np.asarray(depths)
-            if dd.size and ((dd < 0).any() or (dd > 1).any() or (np.diff(dd) < 0).any()):
-                raise InputError("depths must be sorted and lie in [0, 1]")
-        except InputError:
-            raise
-        except Exception:
-            pass
+        check_depths(depths)
     return _flow(heads, tokens, solver, stepping, kernel, depths, adjoint)
 
 
