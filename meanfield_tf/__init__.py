@@ -4,6 +4,20 @@ Token measures flow through a continuous-depth neural ODE whose velocity is an a
 measure of attention heads held as particles. See the README and DESIGN notes for the maths.
 """
 
+from ._adjoint import adjoint_velocity as adjoint_velocity
+from ._adjoint import gradient_field as gradient_field
+from ._gradients import AdjointSolution as AdjointSolution
+from ._gradients import Autodiff as Autodiff
+from ._gradients import Backsolve as Backsolve
+from ._gradients import Explicit as Explicit
+from ._gradients import GradientMethod as GradientMethod
+from ._gradients import explicit_adjoint as explicit_adjoint
+from ._gradients import risk_and_gradient as risk_and_gradient
+from ._risks import AbstractRisk as AbstractRisk
+from ._risks import QueryClassification as QueryClassification
+from ._risks import QueryRegression as QueryRegression
+from ._risks import SinkhornRisk as SinkhornRisk
+from ._risks import TokenRegression as TokenRegression
 from ._attention import AttentionKernel as AttentionKernel
 from ._attention import ChunkedKernel as ChunkedKernel
 from ._attention import DenseKernel as DenseKernel
