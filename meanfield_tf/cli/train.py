@@ -1,0 +1,123 @@
+"""`meanfield-tf train | resume | eval`: train the head measure by its conditional Wasserstein
+gradient flow, continue a stopped run, report a run's final metrics."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import sys
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train the heads by their gradient flow (writes a run directory)",
+        description="Train the head measure by the conditional Wasserstein gradient flow "
+        "(particles move in theta only; plain SGD on the mean-field gradients g = L*M*dR/dtheta is "
+        "explicit Euler in training time). With no arguments: the default teacher-student run. "
+        "Writes config.yaml, manifest.json, metrics.jsonl, checkpoints/ and figures/ into the run "
+        "directory.",
+    )
+    p.add_argument("--config", default=None,
+                   help="YAML training config (see configs/; default: the built-in teacher-student)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted config overrides, e.g. train.steps=200 train.learning_rate=0.5")
+    p.add_argument("--out", default=None,
+                   help="run directory (default: runs/<config name>-<timestamp>/)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=run_train)
+
+    r = sub.add_parser(
+        "resume",
+        help="continue a stopped training run from its last checkpoint",
+        description="Continue a run from its last checkpoint to the configured total steps. "
+        "KEY=VALUE overrides change the stored config (e.g. train.steps=2000 to extend, "
+        "train.learning_rate=0.05: a new step size, no recompilation).",
+    )
+    r.add_argument("run_dir", help="run directory written by `meanfield-tf train`")
+    r.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+    r.add_argument("--quiet", action="store_true", help="no progress output")
+    r.set_defaults(func=run_resume)
+
+    e = sub.add_parser(
+        "eval",
+        help="report a run's final metrics from its last checkpoint",
+        description="Load the last checkpoint of a run and report the training loss, the "
+        "distance W2,c travelled by the heads, and test metrics (test accuracy for "
+        "classification). Also writes eval.json into the run directory.",
+    )
+    e.add_argument("run_dir", help="run directory written by `meanfield-tf train`")
+    e.set_defaults(func=run_eval)
+
+
+def _default_out(name: str) -> Path:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{name}-{stamp}"
+
+
+def _orders(first, last) -> str:
+    if first and last and first > 0 and last > 0:
+        return f" ({math.log10(first / last):.1f} orders of magnitude)"
+    return ""
+
+
+def _report(summary: dict, out=sys.stdout) -> None:
+    if "loss" in summary:
+        print(f"step {summary['step']}: loss {summary['first_loss']:.4e} -> {summary['loss']:.4e}"
+              f"{_orders(summary['first_loss'], summary['loss'])}", file=out)
+    if "w2" in summary:
+        print(f"heads moved W2,c = {summary['w2']:.4g} from their initial measure", file=out)
+    if "test_loss" in summary:
+        print(f"test loss {summary['test_loss']:.4e}", file=out)
+    if "test_accuracy" in summary:
+        init = summary.get("initial_test_accuracy")
+        print(f"test accuracy {summary['test_accuracy']:.4f}"
+              + (f" (initial {init:.4f})" if init is not None else ""), file=out)
+    print(f"run directory: {summary['run_dir']}", file=out)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from ..run import train
+    from ..train_config import load_train_config
+
+    cfg = load_train_config(args.config, args.overrides)
+    out = Path(args.out) if args.out else _default_out(cfg.name)
+    print(f"training {cfg.name} ({cfg.task.name}, L={cfg.heads.layers} x M={cfg.heads.heads} heads, "
+          f"d={cfg.heads.dim}, {cfg.train.steps} steps of {cfg.train.optimizer} "
+          f"lr={cfg.train.learning_rate}, {cfg.dtype}) -> {out}", flush=True)
+    summary = train(cfg, out, argv=sys.argv, progress=not args.quiet)
+    _report(summary)
+    return 0
+
+
+def run_resume(args: argparse.Namespace) -> int:
+    from ..config import apply_overrides
+    from ..run import RunDir, train
+    from ..train_config import train_config_from_dict, train_config_to_dict
+
+    rd = RunDir(args.run_dir)
+    cfg = rd.read_config()
+    if args.overrides:
+        cfg = train_config_from_dict(apply_overrides(train_config_to_dict(cfg), args.overrides))
+    ckpts = rd.checkpoints()
+    at = ckpts[-1][0] if ckpts else 0
+    print(f"resuming {rd.path} from step {at} to {cfg.train.steps}", flush=True)
+    summary = train(cfg, rd.path, resume=True, argv=sys.argv, progress=not args.quiet)
+    _report(summary)
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from ..run import evaluate_run
+
+    out = evaluate_run(args.run_dir)
+    print(f"step {out['step']}: training loss {out['train_loss']:.4e}, gradient norm "
+          f"{out['grad_norm']:.3e}, W2,c from init {out['w2']:.4g}")
+    if "test_loss" in out:
+        print(f"test loss {out['test_loss']:.4e}")
+    if "test_accuracy" in out:
+        print(f"test accuracy {out['test_accuracy']:.4f}")
+    print(f"wrote {Path(args.run_dir) / 'eval.json'}")
+    return 0

@@ -1,0 +1,591 @@
+"""Training runs: from a `TrainConfig` to a run directory, with checkpoints and resume.
+
+A run directory holds
+
+- `config.yaml`: the resolved configuration (every default spelled out; `resume` reads it back);
+- `manifest.json`: package versions, devices, seed, git commit (if any), command line, start time;
+- `metrics.jsonl`: one JSON object per line. `"kind": "train"` rows (every `log_every` steps):
+  `step` (updates applied so far), `time` (training time t, the sum of step sizes), `loss` (the
+  risk at those parameters), `grad_norm` (the L²(ν) norm of the mean-field gradient), `lr`,
+  `wall_s`. `"kind": "eval"` rows (every `eval_every` steps and at the end): `w2` (the conditional
+  Wasserstein distance W_{2,c} of the heads from their initial measure) and `w2_layers`, test
+  metrics (`test_loss`, `test_accuracy` for classification), `wall_s`;
+- `checkpoints/step_XXXXXXXX.eqx`: the training state (step, head particles, optimiser state,
+  PRNG key), written atomically (temporary file + rename), the last `keep_checkpoints` kept;
+- `figures/*.png`: loss (log scale), one layer's particles projected to 2-D at start and end,
+  token trajectories through the initial and the trained transformer.
+
+Everything a run computes is a function of the config: the initial heads and the task data are
+rebuilt from the seed, and the batch of step k depends only on the PRNG key and k, so a run
+resumed from a checkpoint ends bit-identical (on CPU) to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+
+from ._errors import ConfigError, InputError
+from ._heads import HeadMeasure
+from ._training import (
+    MeanFieldGradient,
+    TrainingDiverged,
+    conditional_w2,
+    gradient_flow_optimizer,
+    make_train_step,
+    set_learning_rate,
+)
+from .train_config import (
+    DigitsTask,
+    DistributionMatchingTask,
+    InContextRegressionTask,
+    TeacherStudentTask,
+    TrainConfig,
+    train_config_from_dict,
+    train_config_to_dict,
+)
+
+CONFIG_FILE = "config.yaml"
+MANIFEST_FILE = "manifest.json"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_DIR = "checkpoints"
+FIGURE_DIR = "figures"
+
+
+# ---------------------------------------------------------------------------------------------
+# The run directory
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through `write(file)` into a temporary file beside `path`, then rename it over."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class TrainState(eqx.Module):
+    """What a checkpoint holds: `step` (updates applied), the head particles, the optimiser state
+    and the PRNG key the batches are drawn from."""
+
+    step: jax.Array
+    heads: HeadMeasure
+    opt_state: Any
+    key: jax.Array
+
+
+class RunDir:
+    """A run directory (see the module docstring for its layout)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    # -- files --------------------------------------------------------------------------------
+    @property
+    def config_path(self) -> Path:
+        return self.path / CONFIG_FILE
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / METRICS_FILE
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.path / CHECKPOINT_DIR
+
+    @property
+    def figure_dir(self) -> Path:
+        return self.path / FIGURE_DIR
+
+    def write_config(self, cfg: TrainConfig) -> None:
+        text = yaml.safe_dump(train_config_to_dict(cfg), sort_keys=False).encode()
+        _atomic_write(self.config_path, lambda f: f.write(text))
+
+    def read_config(self) -> TrainConfig:
+        if not self.config_path.exists():
+            raise InputError(f"{str(self.path)!r} is not a run directory (no {CONFIG_FILE}); give "
+                             f"the directory a `meanfield-tf train` run wrote")
+        data = yaml.safe_load(self.config_path.read_text())
+        return train_config_from_dict(data)
+
+    def write_manifest(self, cfg: TrainConfig, argv: list[str] | None = None) -> None:
+        text = json.dumps(manifest(cfg, argv), indent=2).encode()
+        _atomic_write(self.path / MANIFEST_FILE, lambda f: f.write(text))
+
+    # -- metrics ------------------------------------------------------------------------------
+    def append_metrics(self, row: dict) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics_path.exists():
+            return []
+        rows = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a kill
+                continue
+        return rows
+
+    def truncate_metrics(self, step: int) -> None:
+        """Drop rows written after checkpoint `step` (train rows `>= step`, eval rows `> step`)."""
+        keep = [r for r in self.read_metrics()
+                if (r["step"] < step if r.get("kind") == "train" else r["step"] <= step)]
+        text = "".join(json.dumps(r) + "\n" for r in keep).encode()
+        _atomic_write(self.metrics_path, lambda f: f.write(text))
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def checkpoints(self) -> list[tuple[int, Path]]:
+        """`(step, path)` of every complete checkpoint, oldest first."""
+        if not self.checkpoint_dir.exists():
+            return []
+        out = []
+        for p in self.checkpoint_dir.glob("step_*.eqx"):
+            try:
+                out.append((int(p.stem.split("_")[1]), p))
+            except (IndexError, ValueError):
+                continue
+        return sorted(out)
+
+    def save_checkpoint(self, state: TrainState, keep: int) -> Path:
+        step = int(state.step)
+        path = self.checkpoint_dir / f"step_{step:08d}.eqx"
+        _atomic_write(path, lambda f: eqx.tree_serialise_leaves(f, state))
+        for _, old in self.checkpoints()[:-keep]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def load_checkpoint(self, like: TrainState) -> TrainState:
+        ckpts = self.checkpoints()
+        if not ckpts:
+            raise InputError(f"run directory {str(self.path)!r} has no checkpoint to resume from")
+        return eqx.tree_deserialise_leaves(ckpts[-1][1], like)
+
+
+def _git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=5)
+        if out.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def manifest(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
+    """Versions, devices, seed, git commit and command line of a run."""
+    from importlib import metadata
+
+    versions = {}
+    for pkg in ("meanfield_tf", "jax", "jaxlib", "equinox", "diffrax", "optax", "ott-jax", "numpy",
+                "scikit-learn"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return {
+        "versions": versions,
+        "python": platform.python_version(),
+        "devices": [str(d) for d in jax.devices()],
+        "backend": jax.default_backend(),
+        "x64": bool(jax.config.jax_enable_x64),
+        "seed": cfg.seed,
+        "git_commit": _git_commit(),
+        "command": argv,
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# From a config to the objects of a run
+
+
+class Forward(eqx.Module):
+    """The depth solve of a run: `forward(heads, tokens) -> X_1` (and `trajectory`)."""
+
+    solver: Any
+    stepping: Any
+    kernel: Any
+
+    def __call__(self, heads, tokens):
+        from ._flow import flow
+
+        return flow(heads, tokens, solver=self.solver, stepping=self.stepping, kernel=self.kernel).x
+
+    def trajectory(self, heads, tokens):
+        from ._flow import flow
+
+        sol = flow(heads, tokens, solver=self.solver, stepping=self.stepping, kernel=self.kernel)
+        return sol.s, sol.xs
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a run is built from its config: initial heads, task, gradient, optimiser."""
+
+    cfg: TrainConfig
+    dtype: Any
+    heads0: HeadMeasure
+    task: Any
+    forward: Forward
+    gradient: MeanFieldGradient
+    optimizer: Any
+    data_key: jax.Array
+
+    def initial_state(self) -> TrainState:
+        return TrainState(step=jnp.asarray(0, jnp.int32),
+                          heads=self.heads0, opt_state=self.optimizer.init(self.heads0.params),
+                          key=self.data_key)
+
+
+def make_optimizer(train) -> Any:
+    """The optax optimiser a `TrainSection` describes (see `gradient_flow_optimizer`)."""
+    import optax
+
+    base = {"sgd": None, "momentum": optax.trace(decay=train.momentum),
+            "adam": optax.scale_by_adam()}[train.optimizer]
+    main_steps = max(train.steps - train.warmup_steps, 1)
+    shape = {
+        "constant": None,
+        "cosine": optax.cosine_decay_schedule(1.0, main_steps),
+        "exponential": optax.exponential_decay(1.0, main_steps, train.decay_rate),
+    }[train.schedule]
+    if train.warmup_steps:
+        warm = optax.linear_schedule(0.0, 1.0, train.warmup_steps)
+        shape = optax.join_schedules([warm, shape or optax.constant_schedule(1.0)],
+                                     [train.warmup_steps])
+    return gradient_flow_optimizer(train.learning_rate, base=base, schedule=shape)
+
+
+def build_run(cfg: TrainConfig) -> Run:
+    """Build the initial heads, the task data and the training objects of `cfg` (deterministic)."""
+    from .cli import options
+    from .config import heads_from_config
+    from ._gradients import Autodiff, Backsolve, Explicit
+
+    dtype = options.dtype_from_name(cfg.dtype)
+    sc = cfg.solver
+    try:
+        solver = options.solver_from_name(sc.name)
+        stepping = options.stepping_from_args(cfg.heads.layers, sc.steps, sc.rtol, sc.atol)
+        kernel = options.kernel_from_name(sc.kernel, sc.chunk_size)
+    except InputError as err:
+        raise ConfigError(f"solver: {err}") from None
+    forward = Forward(solver, stepping, kernel)
+    method = {"autodiff": Autodiff(), "explicit": Explicit(), "backsolve": Backsolve()}[
+        cfg.train.gradient]
+    gradient = MeanFieldGradient(method=method, solver=solver, stepping=stepping, kernel=kernel)
+    k_heads, k_task, k_data = jax.random.split(jax.random.PRNGKey(cfg.seed), 3)
+    heads0 = heads_from_config(cfg.heads, k_heads, dtype)
+    task = build_task(cfg, heads0, forward, k_task, dtype)
+    return Run(cfg, dtype, heads0, task, forward, gradient, make_optimizer(cfg.train), k_data)
+
+
+def build_task(cfg: TrainConfig, heads0: HeadMeasure, forward: Forward, key, dtype):
+    """The `_tasks` object of `cfg.task`."""
+    from . import _tasks
+    from .config import families_from_config, heads_from_config, tokens_from_config
+    from ._tokens import sample_tokens
+
+    t = cfg.task
+    if isinstance(t, TeacherStudentTask):
+        k_tok, k_teacher = jax.random.split(key)
+        tokens = tokens_from_config(t.tokens, k_tok, dtype)
+        if tokens.dim != cfg.heads.dim:
+            raise ConfigError(f"task.tokens families live in d={tokens.dim} but heads.dim is "
+                              f"{cfg.heads.dim}; make them agree")
+        if t.readout == "query":
+            q = [0.5] * tokens.dim if t.query is None else t.query
+            if len(q) != tokens.dim:
+                raise ConfigError(f"task.query has {len(q)} coordinates, the tokens {tokens.dim}")
+            tokens = tokens.append_query(jnp.asarray(q, dtype))
+        xi = heads_from_config(dataclasses.replace(cfg.heads, init="gaussian"), k_teacher, dtype)
+        teacher = _tasks.perturbed_heads(heads0, xi, t.perturbation)
+        return _tasks.TeacherStudent.make(teacher, tokens, forward, readout=t.readout)
+    if isinstance(t, InContextRegressionTask):
+        return _tasks.InContextRegression(key, batch_size=t.batch_size, n=t.n, dim_x=t.dim_x,
+                                          test_size=t.test_size, noise=t.noise, dtype=dtype)
+    if isinstance(t, DigitsTask):
+        try:
+            return _tasks.Digits.load(batch_size=t.batch_size, test_fraction=t.test_fraction,
+                                      split_seed=t.split_seed, query=t.query, dtype=dtype)
+        except InputError as err:
+            raise ConfigError(f"task: {err}") from None
+    if isinstance(t, DistributionMatchingTask):
+        k_tok, k_target = jax.random.split(key)
+        tokens = tokens_from_config(t.tokens, k_tok, dtype)
+        if tokens.dim != cfg.heads.dim:
+            raise ConfigError(f"task.tokens families live in d={tokens.dim} but heads.dim is "
+                              f"{cfg.heads.dim}; make them agree")
+        fams = families_from_config(t.targets, dtype)
+        try:
+            targets = sample_tokens(k_target, fams, t.target_n)
+        except InputError as err:
+            raise ConfigError(f"task.targets: {err}") from None
+        return _tasks.DistributionMatching.make(tokens, targets, t.epsilon)
+    raise ConfigError(f"unknown task {t!r}")  # pragma: no cover
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def evaluate(run: Run, heads: HeadMeasure) -> dict[str, Any]:
+    """W_{2,c} from the initial heads and the test metrics (if the task has a test set)."""
+    w2, layers = _w2(heads, run.heads0)
+    out = {"w2": float(w2), "w2_layers": [float(v) for v in np.asarray(layers)]}
+    test = run.task.test_batch()
+    if test is not None:
+        for k, v in _test_metrics(run.forward, heads, test).items():
+            out[f"test_{k}"] = float(v)
+    return out
+
+
+@eqx.filter_jit
+def _w2(heads, heads0):
+    return conditional_w2(heads, heads0)
+
+
+@eqx.filter_jit
+def _test_metrics(forward, heads, batch):
+    from ._tasks import evaluate_batch
+
+    return evaluate_batch(batch, forward(heads, batch.tokens))
+
+
+@eqx.filter_jit
+def _train_batch(task, key, step):
+    return task.train_batch(key, step)
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loop
+
+
+class _Progress:
+    """tqdm in a terminal, plain periodic lines otherwise."""
+
+    def __init__(self, start: int, total: int, stream=None):
+        self.stream = stream or sys.stderr
+        self.total = total
+        self.every = max(1, total // 10)
+        self.bar = None
+        if hasattr(self.stream, "isatty") and self.stream.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, file=self.stream, unit="step",
+                            dynamic_ncols=True)
+
+    def update(self, step: int, loss: float, extra: str = "") -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(f"loss {loss:.3e}" + (f" {extra}" if extra else ""), refresh=False)
+        elif step % self.every == 0 or step == self.total:
+            print(f"step {step}/{self.total}  loss {loss:.4e}" + (f"  {extra}" if extra else ""),
+                  file=self.stream, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def train(cfg: TrainConfig, out, *, resume: bool = False, argv: list[str] | None = None,
+          progress: bool = True, stream=None) -> dict[str, Any]:
+    """Run (or resume) the training `cfg` describes in the run directory `out`.
+
+    **Returns:** a summary dict (final step, loss, first loss, evaluation metrics, paths). Raises
+    `TrainingDiverged` if the loss or the parameters become non-finite: the run stops, the last
+    good checkpoint stays as it was.
+    """
+    stream = stream or sys.stdout
+    rd = RunDir(out)
+    run = build_run(cfg)
+    tc = cfg.train
+    state = run.initial_state()
+    if resume:
+        state = rd.load_checkpoint(state)
+        state = eqx.tree_at(lambda s: s.opt_state, state,
+                            set_learning_rate(state.opt_state, tc.learning_rate))
+        rd.truncate_metrics(int(state.step))
+        rd.write_config(cfg)
+    else:
+        rd.path.mkdir(parents=True, exist_ok=True)
+        if rd.checkpoints() or rd.metrics_path.exists():
+            raise InputError(f"run directory {str(rd.path)!r} already holds a run; resume it with "
+                             f"`meanfield-tf resume {rd.path}` or choose another --out")
+        rd.write_config(cfg)
+        rd.write_manifest(cfg, argv)
+    step_fn = make_train_step(run.gradient, run.optimizer)
+    heads, opt_state, key = state.heads, state.opt_state, state.key
+    start = int(state.step)
+    total = tc.steps
+    lr = float(tc.learning_rate)
+    t_wall = time.perf_counter()
+    prior_wall = _prior_wall(rd) if resume else 0.0
+    first_loss = None
+    last_ckpt = rd.checkpoints()[-1][0] if rd.checkpoints() else None
+    if start == 0:
+        row = {"kind": "eval", "step": 0, **evaluate(run, heads), "wall_s": 0.0}
+        rd.append_metrics(row)
+    bar = _Progress(start, total, stream=sys.stderr) if progress else None
+    info = None
+    try:
+        for step in range(start, total):
+            batch = _train_batch(run.task, key, step)
+            heads, opt_state, info = step_fn(heads, opt_state, batch)
+            loss = float(info.loss)
+            gnorm = float(info.grad_norm)
+            if not (np.isfinite(loss) and np.isfinite(gnorm)):
+                where = (f"the last good checkpoint (step {last_ckpt}) is in {rd.checkpoint_dir}"
+                         if last_ckpt is not None else "no checkpoint was written")
+                raise TrainingDiverged(
+                    f"the loss became {loss} (gradient norm {gnorm}) at step {step}; {where}; "
+                    f"lower train.learning_rate or the head scales")
+            if first_loss is None:
+                first_loss = loss
+            wall = prior_wall + time.perf_counter() - t_wall
+            if step % tc.log_every == 0 or step == total - 1:
+                rd.append_metrics({"kind": "train", "step": step, "time": _training_time(tc, step),
+                                   "loss": loss, "grad_norm": gnorm,
+                                   "lr": float(opt_state.hyperparams["learning_rate"]),
+                                   "wall_s": round(wall, 4)})
+            done = step + 1
+            if bar is not None:
+                bar.update(done, loss)
+            if done % tc.eval_every == 0 or done == total:
+                rd.append_metrics({"kind": "eval", "step": done, **evaluate(run, heads),
+                                   "wall_s": round(prior_wall + time.perf_counter() - t_wall, 4)})
+            if done % tc.checkpoint_every == 0 or done == total:
+                if not all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(heads.params)):
+                    raise TrainingDiverged(
+                        f"the head parameters became non-finite at step {done}; the last good "
+                        f"checkpoint (step {last_ckpt}) is in {rd.checkpoint_dir}; lower "
+                        f"train.learning_rate")
+                rd.save_checkpoint(TrainState(jnp.asarray(done, state.step.dtype), heads, opt_state,
+                                              key), tc.keep_checkpoints)
+                last_ckpt = done
+    finally:
+        if bar is not None:
+            bar.close()
+    summary = summarize(rd)
+    summary["traces"] = step_fn.num_traces()
+    try:
+        write_figures(rd, run, heads)
+    except Exception as err:  # figures must never lose a finished run
+        print(f"warning: could not draw the figures ({type(err).__name__}: {err})", file=sys.stderr)
+    return summary
+
+
+def _training_time(tc, step) -> float | None:
+    """Training time t = step · lr of the gradient flow (constant step sizes only, else None)."""
+    if tc.schedule != "constant" or tc.warmup_steps:
+        return None
+    return step * float(tc.learning_rate)
+
+
+def _prior_wall(rd: RunDir) -> float:
+    rows = rd.read_metrics()
+    return max((r.get("wall_s", 0.0) for r in rows), default=0.0)
+
+
+def summarize(rd: RunDir) -> dict[str, Any]:
+    """First and last train loss, last evaluation metrics, from `metrics.jsonl`."""
+    rows = rd.read_metrics()
+    train_rows = [r for r in rows if r.get("kind") == "train"]
+    eval_rows = [r for r in rows if r.get("kind") == "eval"]
+    out: dict[str, Any] = {"run_dir": str(rd.path)}
+    if train_rows:
+        out.update(first_loss=train_rows[0]["loss"], loss=train_rows[-1]["loss"],
+                   step=train_rows[-1]["step"] + 1)
+    if eval_rows:
+        out.update({k: v for k, v in eval_rows[-1].items() if k not in ("kind", "w2_layers")})
+        if eval_rows[0].get("test_accuracy") is not None:
+            out["initial_test_accuracy"] = eval_rows[0]["test_accuracy"]
+    return out
+
+
+def load_run(path) -> tuple[RunDir, Run, TrainState]:
+    """The run directory, its rebuilt `Run` and its last checkpointed state."""
+    rd = RunDir(path)
+    cfg = rd.read_config()
+    run = build_run(cfg)
+    state = rd.load_checkpoint(run.initial_state())
+    return rd, run, state
+
+
+def evaluate_run(path) -> dict[str, Any]:
+    """Final metrics of a run from its last checkpoint: the training loss (on the batch of the
+    checkpoint's step), the test metrics and the W_{2,c} distance travelled."""
+    rd, run, state = load_run(path)
+    step = int(state.step)
+    batch = _train_batch(run.task, state.key, step)
+    loss, g = eqx.filter_jit(run.gradient)(state.heads, batch)
+    from ._training import particle_norm
+
+    out = {"step": step, "train_loss": float(loss), "grad_norm": float(particle_norm(g)),
+           **evaluate(run, state.heads)}
+    text = json.dumps(out, indent=2).encode()
+    _atomic_write(rd.path / "eval.json", lambda f: f.write(text))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures
+
+
+def write_figures(rd: RunDir, run: Run, heads: HeadMeasure) -> list[Path]:
+    """Loss curve, particles of one layer at start and end, token trajectories."""
+    from . import plots
+    from ._training import _layer_particles
+
+    rows = rd.read_metrics()
+    train_rows = [r for r in rows if r.get("kind") == "train"]
+    eval_rows = [r for r in rows if r.get("kind") == "eval"]
+    paths = []
+    paths.append(plots.plot_loss(
+        rd.figure_dir / "loss.png", [r["step"] for r in train_rows], [r["loss"] for r in train_rows],
+        eval_steps=[r["step"] for r in eval_rows],
+        test_accuracy=[r.get("test_accuracy") for r in eval_rows],
+        w2=[r["w2"] for r in eval_rows], title=f"{run.cfg.name}: {run.cfg.task.name}"))
+    layer = 0
+    p0 = np.asarray(_layer_particles(run.heads0)[layer])
+    p1 = np.asarray(_layer_particles(heads)[layer])
+    paths.append(plots.plot_particles(rd.figure_dir / "particles.png", p0, p1,
+                                      title=f"layer {layer} head particles (PCA of θ)"))
+    batch = run.task.test_batch() or _train_batch(run.task, run.data_key, 0)
+    tokens = jax.tree.map(lambda a: a[:4], batch.tokens)
+    for name, h in (("initial", run.heads0), ("trained", heads)):
+        s, xs = eqx.filter_jit(run.forward.trajectory)(h, tokens)
+        paths.append(plots.plot_trajectories(
+            rd.figure_dir / f"tokens_{name}.png", xs, tokens.w, s,
+            title=f"token trajectories, {name} heads"))
+    return paths

@@ -1,0 +1,290 @@
+"""Configuration of `meanfield-tf train`: strict dataclasses read from YAML (see `config.py`).
+
+A training config has the sections
+
+- `task`: what is learned; `task.name` picks the task and its own keys
+  (`teacher_student`, `in_context_regression`, `digits`, `distribution_matching`);
+- `heads`, `solver`: the initial head measure and the depth solver (shared with `simulate`);
+- `train`: the gradient flow (steps, learning rate, optimiser, schedule) and the run's cadence
+  (logging, evaluation, checkpoints).
+
+Unknown keys, wrong types and bad values raise a one-line `ConfigError` before anything runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Optional
+
+from ._errors import ConfigError
+from .config import (
+    HeadsConfig,
+    SolverConfig,
+    TokensConfig,
+    apply_overrides,
+    config_to_dict,
+    from_dict,
+    read_yaml,
+)
+
+
+def _positive(where: str, value, allow_none=False):
+    if value is None and allow_none:
+        return
+    if value is None or value <= 0:
+        raise ConfigError(f"{where} must be > 0, got {value!r}")
+
+
+def _nonneg(where: str, value):
+    if value is None or value < 0:
+        raise ConfigError(f"{where} must be >= 0, got {value!r}")
+
+
+def _default_sequences():
+    # Gaussian sequences with different covariances: their LSE functions are quadratics that are
+    # linearly independent modulo affine functions (an injective NTK).
+    return [
+        {"family": "gaussian", "mean": [0.0, 0.0], "cov": [[1.0, 0.0], [0.0, 0.3]]},
+        {"family": "gaussian", "mean": [0.5, 0.0], "cov": [[0.4, 0.2], [0.2, 0.8]]},
+        {"family": "gaussian", "mean": [0.0, -0.5], "cov": [[0.3, -0.1], [-0.1, 0.6]]},
+        {"family": "gaussian", "mean": [-0.5, 0.5], "cov": [[0.8, 0.3], [0.3, 0.5]]},
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Tasks
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherStudentTask:
+    """Targets made by a teacher head measure near the initial one (a small initial loss).
+
+    The teacher is the initial measure with every particle moved by `perturbation` times an
+    independent draw of the initialisation (`θ* = θ0 + perturbation · ξ`). `readout: query` fits
+    the final position of a readout query token `query` appended to every sequence;
+    `readout: tokens` fits the final position of every token (token-wise regression).
+    """
+
+    name: str = "teacher_student"
+    readout: str = "query"  # query | tokens
+    perturbation: float = 0.2
+    query: Optional[list[float]] = None  # default: (1/2, ..., 1/2)
+    tokens: TokensConfig = dataclasses.field(
+        default_factory=lambda: TokensConfig(n=16, families=_default_sequences())
+    )
+
+    def __post_init__(self):
+        if self.readout not in ("query", "tokens"):
+            raise ConfigError(f"task.readout must be 'query' or 'tokens', got {self.readout!r}")
+        _positive("task.perturbation", self.perturbation)
+
+
+@dataclasses.dataclass(frozen=True)
+class InContextRegressionTask:
+    """In-context linear regression: tokens `(x_k, <β, x_k>)` in `R^{dim_x + 1}` with
+    `x_k ~ N(0, I)` and `β ~ N(0, I / dim_x)` per sequence; a query token `(x_q, 0)` (weight 0)
+    is appended and the prediction is the last coordinate of its final position. Fresh sequences
+    every step (`batch_size` of them); a fixed test set of `test_size` sequences."""
+
+    name: str = "in_context_regression"
+    dim_x: int = 2
+    n: int = 16
+    batch_size: int = 32
+    test_size: int = 256
+    noise: float = 0.0
+
+    def __post_init__(self):
+        for k in ("dim_x", "n", "batch_size", "test_size"):
+            _positive(f"task.{k}", getattr(self, k))
+        _nonneg("task.noise", self.noise)
+
+
+@dataclasses.dataclass(frozen=True)
+class DigitsTask:
+    """scikit-learn's 8×8 digits: each image is a sequence of 64 pixel tokens
+    `(row, column, intensity, 0, ..., 0)` in `R^{3 + 10}` (coordinates scaled to [-1, 1], intensity
+    to [0, 1]); a readout query token is appended and the class logits are the last 10
+    coordinates of its final position, trained by cross-entropy. Train/test split by
+    `test_fraction` (stratified, seeded by `split_seed`); mini-batches of `batch_size`."""
+
+    name: str = "digits"
+    batch_size: int = 64
+    test_fraction: float = 0.25
+    split_seed: int = 0
+    query: Optional[list[float]] = None  # default (0, 0, 1, 0, ..., 0): a bright central pixel
+
+    def __post_init__(self):
+        _positive("task.batch_size", self.batch_size)
+        if not 0 < self.test_fraction < 1:
+            raise ConfigError(f"task.test_fraction must be in (0, 1), got {self.test_fraction!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributionMatchingTask:
+    """Push input token measures onto target measures: the risk is the Sinkhorn divergence
+    (ott-jax, entropic regularisation `epsilon`) between each output sequence and its target.
+    `targets` lists one family spec per input sequence (same `copies` semantics as
+    `tokens.families`), sampled with `target_n` points."""
+
+    name: str = "distribution_matching"
+    tokens: TokensConfig = dataclasses.field(
+        default_factory=lambda: TokensConfig(
+            n=32, families=[{"family": "gaussian", "mean": [0.0, 0.0],
+                             "cov": [[1.0, 0.0], [0.0, 1.0]], "copies": 2}]
+        )
+    )
+    targets: list[dict] = dataclasses.field(
+        default_factory=lambda: [
+            {"family": "gaussian", "mean": [1.0, 0.0], "cov": [[0.5, 0.0], [0.0, 1.5]]},
+            {"family": "gaussian", "mean": [0.0, 1.0], "cov": [[1.5, 0.0], [0.0, 0.5]]},
+        ]
+    )
+    target_n: int = 32
+    epsilon: float = 0.05
+
+    def __post_init__(self):
+        from .config import family_specs_check
+
+        _positive("task.target_n", self.target_n)
+        _positive("task.epsilon", self.epsilon)
+        for i, spec in enumerate(self.targets):
+            family_specs_check(spec, f"task.targets[{i}]")
+        n_in = sum(s.get("copies", 1) for s in self.tokens.families)
+        n_out = sum(s.get("copies", 1) for s in self.targets)
+        if n_in != n_out:
+            raise ConfigError(
+                f"task.targets describes {n_out} sequences but task.tokens.families {n_in}; "
+                f"give one target family per input sequence"
+            )
+
+
+TASKS = {
+    "teacher_student": TeacherStudentTask,
+    "in_context_regression": InContextRegressionTask,
+    "digits": DigitsTask,
+    "distribution_matching": DistributionMatchingTask,
+}
+
+
+def task_from_dict(data) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"task must be a mapping with a 'name' ({', '.join(TASKS)}), got {data!r}")
+    name = data.get("name", "teacher_student")
+    if name not in TASKS:
+        raise ConfigError(f"task.name {name!r} is unknown; choose one of {', '.join(TASKS)}")
+    return from_dict(TASKS[name], data, "task")
+
+
+# ---------------------------------------------------------------------------------------------
+# The gradient flow and the run's cadence
+
+OPTIMIZERS = ("sgd", "momentum", "adam")
+SCHEDULES = ("constant", "cosine", "exponential")
+GRADIENTS = ("autodiff", "backsolve", "explicit")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSection:
+    """`steps` of the gradient flow with step size `learning_rate` (training time t = steps · lr).
+
+    `optimizer`: `sgd` (explicit Euler of the conditional Wasserstein gradient flow; default),
+    `momentum` (heavy ball, `momentum` decay) or `adam` — the last two leave the gradient-flow
+    geometry. `schedule`: `constant`, `cosine` (decay to 0 over `steps`) or `exponential`
+    (`decay_rate` per `steps`), after `warmup_steps` of linear warm-up. `gradient`: the
+    mean-field gradient method (`autodiff`: exact gradient of the discretised model).
+
+    Cadence: a metrics line every `log_every` steps, evaluation (W2 distance travelled, test
+    metrics) every `eval_every`, a checkpoint every `checkpoint_every` (the last
+    `keep_checkpoints` are kept). `nan_check_every`: how often the loss is checked for NaN/inf.
+    """
+
+    steps: int = 400
+    learning_rate: float = 2.0
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    decay_rate: float = 0.1
+    gradient: str = "autodiff"
+    log_every: int = 5
+    eval_every: int = 100
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+
+    def __post_init__(self):
+        _positive("train.steps", self.steps)
+        _positive("train.learning_rate", self.learning_rate)
+        for k in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+            _positive(f"train.{k}", getattr(self, k))
+        _nonneg("train.warmup_steps", self.warmup_steps)
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got "
+                              f"{self.optimizer!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"train.schedule must be one of {', '.join(SCHEDULES)}, got "
+                              f"{self.schedule!r}")
+        if self.gradient not in GRADIENTS:
+            raise ConfigError(f"train.gradient must be one of {', '.join(GRADIENTS)}, got "
+                              f"{self.gradient!r}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"train.momentum must be in [0, 1), got {self.momentum!r}")
+        if not 0 < self.decay_rate <= 1:
+            raise ConfigError(f"train.decay_rate must be in (0, 1], got {self.decay_rate!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """`meanfield-tf train --config`: the whole run. `name` names the run directory
+    (default: the config file's stem)."""
+
+    name: Optional[str] = None
+    seed: int = 0
+    dtype: str = "float32"
+    task: Any = dataclasses.field(default_factory=TeacherStudentTask)
+    heads: HeadsConfig = dataclasses.field(
+        default_factory=lambda: HeadsConfig(layers=4, heads=32, dim=2, init="gaussian")
+    )
+    solver: SolverConfig = dataclasses.field(default_factory=SolverConfig)
+    train: TrainSection = dataclasses.field(default_factory=TrainSection)
+
+    def __post_init__(self):
+        if isinstance(self.task, dict):
+            object.__setattr__(self, "task", task_from_dict(self.task))
+        if self.dtype not in ("float32", "float64"):
+            raise ConfigError(f"dtype must be float32 or float64, got {self.dtype!r}")
+        want = task_token_dim(self.task)
+        if want is not None and want != self.heads.dim:
+            raise ConfigError(
+                f"task {self.task.name} has tokens in dimension {want} but heads.dim is "
+                f"{self.heads.dim}; set heads.dim={want}"
+            )
+
+
+def task_token_dim(task) -> int | None:
+    """The token dimension a task fixes (None when the token families decide it)."""
+    if isinstance(task, InContextRegressionTask):
+        return task.dim_x + 1
+    if isinstance(task, DigitsTask):
+        return 13
+    return None
+
+
+def load_train_config(path=None, overrides: list[str] | None = None) -> TrainConfig:
+    """A `TrainConfig` from an optional YAML file plus dotted overrides (`train.steps=200`)."""
+    data = read_yaml(path) if path is not None else {}
+    apply_overrides(data, overrides or [])
+    cfg = from_dict(TrainConfig, data)
+    if cfg.name is None:
+        name = Path(path).stem if path is not None else "teacher_student"
+        cfg = dataclasses.replace(cfg, name=name)
+    return cfg
+
+
+def train_config_to_dict(cfg: TrainConfig) -> dict:
+    """The resolved configuration (plain data; reading it back gives the same config)."""
+    return config_to_dict(cfg)
+
+
+def train_config_from_dict(data: dict) -> TrainConfig:
+    return from_dict(TrainConfig, data)
