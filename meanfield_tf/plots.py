@@ -53,3 +53,77 @@ def plot_trajectories(path, xs, w=None, s=None, *, max_sequences: int = 4, max_t
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_loss(path, steps, losses, *, eval_steps=None, test_accuracy=None, w2=None,
+              title: str = "") -> Path:
+    """Training loss against step on a log scale; beside it, the distance W_{2,c} travelled by the
+    heads and (classification) the test accuracy at the evaluation steps."""
+    plt = _pyplot()
+    steps = np.asarray(steps)
+    losses = np.asarray(losses, dtype=float)
+    extra = eval_steps is not None and len(eval_steps) > 0
+    fig, axes = plt.subplots(1, 2 if extra else 1, figsize=(10 if extra else 5.5, 4), squeeze=False)
+    ax = axes[0][0]
+    pos = losses > 0
+    ax.semilogy(steps[pos], losses[pos], lw=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_title("loss (log scale)")
+    if extra:
+        ax2 = axes[0][1]
+        es = np.asarray(eval_steps)
+        if w2 is not None:
+            ax2.plot(es, np.asarray(w2, dtype=float), "o-", ms=3, color="C1",
+                     label="W2,c(ν_t, ν_0)")
+            ax2.set_ylabel("W2,c from the initial heads")
+        ax2.set_xlabel("step")
+        acc = [a for a in (test_accuracy or []) if a is not None]
+        if acc:
+            ax3 = ax2.twinx()
+            ax3.plot(es[: len(acc)], acc, "s-", ms=3, color="C2", label="test accuracy")
+            ax3.set_ylabel("test accuracy")
+            ax3.set_ylim(0, 1)
+            ax3.legend(loc="lower right", fontsize=8)
+        ax2.legend(loc="upper left", fontsize=8)
+        ax2.grid(True, alpha=0.3)
+        ax2.set_title("distance travelled" + (" and test accuracy" if acc else ""))
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_particles(path, theta0, theta1, *, title: str = "") -> Path:
+    """Head particles of one layer at the start (`theta0`) and end (`theta1`) of training, each
+    `(M, p)` (flattened θ), projected on the two leading principal axes of the pooled set; a
+    segment joins every particle's start and end."""
+    plt = _pyplot()
+    a, b = np.asarray(theta0, float), np.asarray(theta1, float)
+    pooled = np.concatenate([a, b])
+    mean = pooled.mean(0)
+    _, _, vt = np.linalg.svd(pooled - mean, full_matrices=False)
+    basis = vt[:2].T if vt.shape[0] >= 2 else np.eye(pooled.shape[1], 2)
+    pa, pb = (a - mean) @ basis, (b - mean) @ basis
+    if pa.shape[1] < 2:
+        pa, pb = np.pad(pa, ((0, 0), (0, 1))), np.pad(pb, ((0, 0), (0, 1)))
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for m in range(pa.shape[0]):
+        ax.plot([pa[m, 0], pb[m, 0]], [pa[m, 1], pb[m, 1]], color="0.6", lw=0.6)
+    ax.scatter(pa[:, 0], pa[:, 1], s=14, c="k", label="start")
+    ax.scatter(pb[:, 0], pb[:, 1], s=14, c="C3", marker="x", label="end")
+    ax.set_xlabel("principal axis 1")
+    ax.set_ylabel("principal axis 2")
+    ax.legend(loc="best", fontsize=8)
+    ax.set_title(title or "head particles")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
