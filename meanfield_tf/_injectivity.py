@@ -94,8 +94,9 @@ class DependenceTest:
     - `independent`: `ratio > threshold`.
     - `threshold`: safety × eps × sqrt(rows).
     - `null_vector`: `(B,)` the right singular vector of $\\sigma_{\\min}$, as coefficients
-      $c_i$ on the unscaled functions (unit norm, largest entry positive): the (near-)dependence
-      $\\sum_i c_i f_i \\approx 0$; its non-negligible entries name the sequences involved.
+      $c_i$ on the unscaled functions (unit norm, first entry above 1e-6 positive): the
+      (near-)dependence $\\sum_i c_i f_i \\approx 0$; its non-negligible entries name the
+      sequences involved. With `nullity > 1` it is one vector of the null space.
     - `singular_values`: all singular values, decreasing, `(B,)`.
     - `nullity`: how many singular values are `<= threshold * sigma_max`.
     """
@@ -140,7 +141,7 @@ def svd_dependence(columns: Float[Array, "rows B"], *, scales=None,
     ratio = 0.0 if smax == 0 else float(s[-1] / smax)
     v = vt[-1] if scales is None else vt[-1] / np.asarray(scales)
     v = v / np.linalg.norm(v)
-    v = v * np.sign(v[np.argmax(np.abs(v))])
+    v = v * np.sign(v[np.argmax(np.abs(v) > 1e-6)])  # first non-negligible entry positive
     nullity = int(np.sum(s <= threshold * smax)) if smax > 0 else b
     return DependenceTest(ratio=ratio, independent=bool(ratio > threshold), threshold=threshold,
                           null_vector=v, singular_values=s, nullity=nullity)
