@@ -61,5 +61,12 @@ from ._tokens import UniformBall as UniformBall
 from ._tokens import UniformBox as UniformBox
 from ._tokens import sample_tokens as sample_tokens
 from ._solvers import ClassicalRK4 as ClassicalRK4
+from ._sharding import MeshConfig as MeshConfig
+from ._sharding import gather_to_host as gather_to_host
+from ._sharding import make_mesh as make_mesh
+from ._sharding import shard_batch as shard_batch
+from ._sharding import shard_heads as shard_heads
+from ._sharding import shard_like_heads as shard_like_heads
+from ._sharding import shard_tokens as shard_tokens
 
 __version__ = "0.1.0"
