@@ -11,7 +11,9 @@ Two implementations with one interface, `kernel(x, w, A, V) -> v` for one sequen
 - `DenseKernel`: materialises the `(M, n, n)` scores; the reference.
 - `ChunkedKernel`: streams over key chunks with an online log-sum-exp (running max and running
   normaliser), so that no `n × n` block per head is ever formed; memory `O(M n c)` for chunk size
-  `c`. A chunk size that does not divide `n` is handled by zero-weight padding.
+  `c` (`O(r c)` with blocks of `r` (head, query) rows). A chunk size that does not divide `n` is handled by
+  zero-weight padding. Its gradient is a flash-attention-style custom VJP (`_flash.py`): memory
+  linear in `n`, about 2.5 forward passes of flops.
 
 `attention_velocity` applies a kernel to a whole batch (vmapped over sequences).
 """
@@ -24,12 +26,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from ._errors import InputError
-
-
-def log_weights(w: Float[Array, "... n"]) -> Float[Array, "... n"]:
-    """`log w` with `-inf` at `w = 0`, with a finite (zero) gradient there."""
-    pos = w > 0
-    return jnp.where(pos, jnp.log(jnp.where(pos, w, 1)), -jnp.inf)
+from ._flash import _forward, flash_attention
+from ._flash import log_weights as log_weights
 
 
 class DenseKernel(eqx.Module):
@@ -50,13 +48,33 @@ class DenseKernel(eqx.Module):
 
 
 class ChunkedKernel(eqx.Module):
-    """Memory-linear kernel: online log-sum-exp over key chunks of `chunk_size` tokens."""
+    """Memory-linear kernel: online log-sum-exp over key chunks, with its own backward pass.
+
+    **Fields:**
+
+    - `chunk_size`: keys per chunk `c` (default 256); need not divide `n` (zero-weight padding).
+    - `block_rows`: (head, query) rows per block `r` (default `None`: about `2^18 / c`, a
+      score block of ~1 MB in float32 that stays in cache). The `M n` rows are processed `r` at
+      a time, so the largest temporary is `(r, c)` per sequence whatever `n` and `M`.
+    - `custom_vjp`: `True` (default) differentiates with the flash-style backward of
+      `meanfield_tf._flash` (scores recomputed chunk by chunk from the saved per-row LSE; memory
+      linear in `n`); `False` lets JAX differentiate the forward scan (stores every chunk's
+      scores: memory `O(M n^2)` again, kept as a reference).
+
+    The gradient in the weights `w` is exact where `w > 0` and 0 at padding (`w = 0`).
+    """
 
     chunk_size: int = eqx.field(static=True, default=256)
+    block_rows: int | None = eqx.field(static=True, default=None)
+    custom_vjp: bool = eqx.field(static=True, default=True)
 
     def __check_init__(self):
         if self.chunk_size < 1:
             raise InputError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.block_rows is not None and self.block_rows < 1:
+            raise InputError(
+                f"block_rows must be >= 1 or None (automatic), got {self.block_rows}"
+            )
 
     def __call__(
         self,
@@ -65,35 +83,9 @@ class ChunkedKernel(eqx.Module):
         A: Float[Array, "M d d"],
         V: Float[Array, "M d d"],
     ) -> Float[Array, "n d"]:
-        n, d = x.shape
-        m_heads = A.shape[0]
-        c = min(self.chunk_size, n)
-        num_chunks = -(-n // c)
-        pad = num_chunks * c - n
-        xk = jnp.pad(x, ((0, pad), (0, 0))).reshape(num_chunks, c, d)
-        lw = jnp.pad(log_weights(w), (0, pad), constant_values=-jnp.inf).reshape(num_chunks, c)
-        xa = jnp.einsum("nd,mde->mne", x, A)
-
-        def step(carry, chunk):
-            run_max, run_sum, acc = carry
-            xc, lwc = chunk
-            s = jnp.einsum("mne,ke->mnk", xa, xc) + lwc
-            new_max = jnp.maximum(run_max, s.max(axis=-1))
-            safe = jnp.where(jnp.isfinite(new_max), new_max, 0)
-            corr = jnp.exp(run_max - safe)
-            p = jnp.exp(s - safe[..., None])
-            run_sum = run_sum * corr + p.sum(axis=-1)
-            acc = acc * corr[..., None] + jnp.einsum("mnk,kd->mnd", p, xc)
-            return (new_max, run_sum, acc), None
-
-        init = (
-            jnp.full((m_heads, n), -jnp.inf, x.dtype),
-            jnp.zeros((m_heads, n), x.dtype),
-            jnp.zeros((m_heads, n, d), x.dtype),
-        )
-        (_, total, acc), _ = jax.lax.scan(step, init, (xk, lw))
-        y = acc / total[..., None]
-        return jnp.einsum("med,mnd->ne", V, y) / m_heads
+        if self.custom_vjp:
+            return flash_attention(x, w, A, V, self.chunk_size, self.block_rows)
+        return _forward(x, w, A, V, self.chunk_size, self.block_rows)[0]
 
 
 AttentionKernel = DenseKernel | ChunkedKernel
@@ -106,5 +98,12 @@ def attention_velocity(
     A: Float[Array, "M d d"],
     V: Float[Array, "M d d"],
 ) -> Float[Array, "B n d"]:
-    """Head-averaged attention velocity of every token of every sequence (vmapped over `B`)."""
+    """Head-averaged attention velocity of every token of every sequence.
+
+    `DenseKernel` is vmapped over the `B` sequences. `ChunkedKernel` streams over them
+    (`lax.map`, one sequence at a time), so its cache-sized score blocks are not multiplied by
+    `B` — faster on CPU and `B` times less temporary memory.
+    """
+    if isinstance(kernel, ChunkedKernel):
+        return jax.lax.map(lambda xw: kernel(xw[0], xw[1], A, V), (x, w))
     return jax.vmap(kernel, in_axes=(0, 0, None, None))(x, w, A, V)
