@@ -178,6 +178,9 @@ def ntk_blocks(
 
     **Returns:** a dict `{block: NTKSpectrum, ..., "full": NTKSpectrum}`; each Gram is
     `(P, P)` with `P = B d` (readout query) or `B n d` (token outputs).
+
+    The factor is `heads.num_layers * heads.num_heads` for both depth interpolations (with
+    `"linear"` heads the `L + 1` nodes are the parameters, each shared by two cells).
     """
     jac = ntk_jacobian(heads, tokens, output=output, solver=solver, stepping=stepping,
                        kernel=kernel)
