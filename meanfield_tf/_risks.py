@@ -273,22 +273,28 @@ class SinkhornRisk(AbstractRisk):
         self.threshold, self.max_iterations = threshold, max_iterations
 
     def losses(self, x, w):
-        from ott.geometry import pointcloud
-        from ott.tools import sinkhorn_divergence
-
-        kwargs = {"threshold": self.threshold, "max_iterations": self.max_iterations}
-
-        def one(xi, wi, yi, bi):
-            div, _ = sinkhorn_divergence.sinkhorn_divergence(
-                pointcloud.PointCloud, xi, yi, a=wi, b=bi, epsilon=self.epsilon,
-                solve_kwargs=kwargs,
-            )
-            return div
-
-        return jax.vmap(one)(x, w, self.y, self.y_weights)
+        return _sinkhorn_losses(x, w, self.y, self.y_weights, self.epsilon, self.threshold,
+                                self.max_iterations)
 
     def validate(self, tokens):
         B, _, d = tokens.x.shape
         check_shape("Sinkhorn targets y", self.y, (B, None, d),
                     f"targets must be (B, m, d) = ({B}, m, {d})")
         _check_dtype("Sinkhorn targets y", self.y, tokens)
+
+
+@eqx.filter_jit
+def _sinkhorn_losses(x, w, y, b, epsilon, threshold: float, max_iterations: int):
+    """Per-sequence debiased Sinkhorn divergences (jitted: ott's loops are slow op by op)."""
+    from ott.geometry import pointcloud
+    from ott.tools import sinkhorn_divergence
+
+    kwargs = {"threshold": threshold, "max_iterations": max_iterations}
+
+    def one(xi, wi, yi, bi):
+        div, _ = sinkhorn_divergence.sinkhorn_divergence(
+            pointcloud.PointCloud, xi, yi, a=wi, b=bi, epsilon=epsilon, solve_kwargs=kwargs,
+        )
+        return div
+
+    return jax.vmap(one)(x, w, y, b)
