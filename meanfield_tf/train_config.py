@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ._errors import ConfigError
+from ._sharding import MeshConfig  # the `mesh:` section (devices for heads x data)
 from .config import (
     HeadsConfig,
     SolverConfig,
@@ -247,6 +248,8 @@ class TrainConfig:
     )
     solver: SolverConfig = dataclasses.field(default_factory=SolverConfig)
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
+    # sharding over devices: `mesh: {heads: H, data: D}` (see meanfield_tf._sharding, docs/scaling.md)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
 
     def __post_init__(self):
         if isinstance(self.task, dict):
