@@ -68,25 +68,47 @@ def _gamma(x, P, mean, U):
     return P * (S - c[..., None])
 
 
-def _sequence_adjoint_velocity(x, w, lam, A, V, nonlocal_term: bool):
+def _sequence_terms(x, w, lam, A, V, nonlocal_term: bool):
+    """Adjoint velocity `(n, d)` (head-averaged) and per-head gradients `(M, d, d)` x 2, sharing
+    the softmax statistics."""
     Z, P, mean = _head_statistics(x, w, A)
     U = jnp.einsum("nd,mde->mne", lam, V)  # u_k = V^T λ_k
     G = _gamma(x, P, mean, U)
     GX = jnp.einsum("mnk,kd->mnd", G, x)  # C(z_k) u_k
-    out = jnp.einsum("mde,mne->mnd", A, GX)  # local: A C(z) V^T λ
+    adj = jnp.einsum("mde,mne->mnd", A, GX)  # local: A C(z) V^T λ
     if nonlocal_term:
-        out = out + jnp.einsum("mkn,mke->mne", G, Z) + jnp.einsum("mkn,mke->mne", P, U)
-    return out.mean(axis=0)
+        adj = adj + jnp.einsum("mkn,mke->mne", G, Z) + jnp.einsum("mkn,mke->mne", P, U)
+    grad_A = jnp.einsum("nd,mne->mde", x, GX)  # Σ_k x_k (C(z_k) V^T λ_k)^T
+    grad_V = jnp.einsum("nd,mne->mde", lam, mean)  # Σ_k λ_k m(z_k)^T
+    return adj.mean(axis=0), grad_A, grad_V
+
+
+def _sequence_adjoint_velocity(x, w, lam, A, V, nonlocal_term: bool):
+    return _sequence_terms(x, w, lam, A, V, nonlocal_term)[0]
 
 
 def _sequence_gradient(x, w, lam, A, V):
-    Z, P, mean = _head_statistics(x, w, A)
-    U = jnp.einsum("nd,mde->mne", lam, V)
-    G = _gamma(x, P, mean, U)
-    GX = jnp.einsum("mnk,kd->mnd", G, x)
-    grad_A = jnp.einsum("nd,mne->mde", x, GX)  # Σ_k x_k (C(z_k) V^T λ_k)^T
-    grad_V = jnp.einsum("nd,mne->mde", lam, mean)  # Σ_k λ_k m(z_k)^T
-    return grad_A, grad_V
+    return _sequence_terms(x, w, lam, A, V, False)[1:]
+
+
+def _chain_rule(params, gA, gV):
+    if "A" in params:
+        return {"A": gA, "V": gV}
+    return {
+        "Q": jnp.einsum("...ki,...ji->...kj", params["K"], gA),
+        "K": jnp.einsum("...ki,...ij->...kj", params["Q"], gA),
+        "V": gV,
+    }
+
+
+def adjoint_and_gradient(states, weights, adjoints, params, *, nonlocal_term: bool = True):
+    """`(adjoint_velocity(...), gradient_field(...))` at the same heads, computing the softmax
+    statistics once (what the backward sweeps use)."""
+    A = merged_query_key(params)
+    adj, gA, gV = jax.vmap(_sequence_terms, in_axes=(0, 0, 0, None, None, None))(
+        states, weights, adjoints, A, params["V"], nonlocal_term
+    )
+    return adj, _chain_rule(params, gA.mean(axis=0), gV.mean(axis=0))
 
 
 def adjoint_velocity(
@@ -148,11 +170,4 @@ def gradient_field(
     gA, gV = jax.vmap(_sequence_gradient, in_axes=(0, 0, 0, None, None))(
         states, weights, adjoints, A, V
     )
-    gA, gV = gA.mean(axis=0), gV.mean(axis=0)
-    if "A" in params:
-        return {"A": gA, "V": gV}
-    return {
-        "Q": jnp.einsum("...ki,...ji->...kj", params["K"], gA),
-        "K": jnp.einsum("...ki,...ij->...kj", params["Q"], gA),
-        "V": gV,
-    }
+    return _chain_rule(params, gA.mean(axis=0), gV.mean(axis=0))

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from ._adjoint import adjoint_velocity, gradient_field
+from ._adjoint import adjoint_and_gradient
 from ._attention import AttentionKernel, DenseKernel
 from ._depth import AdaptiveSteps, CellArgs, FixedSteps, Stepping, cell_edges, integrate_depth
 from ._errors import InputError
@@ -255,18 +255,22 @@ def _discrete_cell(field, w, L, k, piecewise, nonlocal_term):
         def forward(x, j):  # recompute the k Euler substeps of this cell from the stored X^l
             return x + h * field(s0 + j * h, x, args), x
 
-        _, xsub = jax.lax.scan(forward, x0, jnp.arange(k))
+        if k == 1:  # the finite transformer: the stored state is the only one
+            xsub = x0[None]
+        else:
+            _, xsub = jax.lax.scan(forward, x0, jnp.arange(k))
 
         def backward(carry, j):
             lam, gl, gr = carry
             s = s0 + j * h
             theta = args.params_at(s)
             x = xsub[j]
-            gf = gradient_field(x, w, lam, theta)  # ∂R/∂θ_j = (h/M) ∇G(X_j, λ_{j+1}, θ_j)
+            # ∂R/∂θ_j = (h/M) ∇G(X_j, λ_{j+1}, θ_j);  λ_j = λ_{j+1} + h (∂v/∂X)(X_j)^T λ_{j+1}
+            adj, gf = adjoint_and_gradient(x, w, lam, theta, nonlocal_term=nonlocal_term)
             u = jnp.zeros((), x.dtype) if piecewise else (s - s0) * L
             gl = jax.tree.map(lambda a, g: a + (L * h) * (1 - u) * g, gl, gf)
             gr = jax.tree.map(lambda a, g: a + (L * h) * u * g, gr, gf)
-            lam = lam + h * adjoint_velocity(x, w, lam, theta, nonlocal_term=nonlocal_term)
+            lam = lam + h * adj
             return (lam, gl, gr), None
 
         zeros = jax.tree.map(jnp.zeros_like, lp)
@@ -289,12 +293,11 @@ def _continuous_cell(field, w, L, solver, stepping, piecewise, nonlocal_term):
     def vector_field(s, y, args):
         x, lam, _, _ = y
         theta = args.params_at(s)
-        gf = gradient_field(x, args.extra, lam, theta)
+        adj, gf = adjoint_and_gradient(x, args.extra, lam, theta, nonlocal_term=nonlocal_term)
         u = jnp.zeros((), x.dtype) if piecewise else (s - args.s0) * L
         dgl = jax.tree.map(lambda g: -L * (1 - u) * g, gf)
         dgr = jax.tree.map(lambda g: -L * u * g, gf)
-        dlam = -adjoint_velocity(x, args.extra, lam, theta, nonlocal_term=nonlocal_term)
-        return field(s, x, args), dlam, dgl, dgr
+        return field(s, x, args), -adj, dgl, dgr
 
     term = diffrax.ODETerm(vector_field)
     if isinstance(stepping, FixedSteps):
