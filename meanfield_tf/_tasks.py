@@ -167,7 +167,7 @@ def digit_tokens(images: np.ndarray, dtype=None) -> Float[Array, "N 64 13"]:
     n = images.shape[0]
     tok = np.zeros((n, 64, DIGIT_TOKEN_DIM))
     tok[:, :, :2] = pos
-    tok[:, :, 2] = images / 16.0
+    tok[:, :, 2] = images / 8.0 - 1.0
     return jnp.asarray(tok, dtype)
 
 

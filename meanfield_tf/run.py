@@ -260,6 +260,7 @@ class Run:
     gradient: MeanFieldGradient
     optimizer: Any
     data_key: jax.Array
+    step: Any = None  # the jitted training step (see `_training.make_train_step`)
 
     def initial_state(self) -> TrainState:
         return TrainState(step=jnp.asarray(0, jnp.int32),
@@ -286,13 +287,28 @@ def make_optimizer(train) -> Any:
     return gradient_flow_optimizer(train.learning_rate, base=base, schedule=shape)
 
 
-def build_run(cfg: TrainConfig) -> Run:
-    """Build the initial heads, the task data and the training objects of `cfg` (deterministic)."""
+_STEP_CACHE: dict = {}
+
+
+def _training_objects(cfg: TrainConfig):
+    """`(forward, gradient, optimizer, step)` for a config, shared by every run of this process
+    with the same solver, gradient and optimiser settings, so that the jitted step compiles once
+    (runs that differ only in data, seed, lengths or cadence reuse it)."""
+    tc = cfg.train
+    key = (cfg.solver, cfg.heads.layers, tc.gradient, tc.optimizer, tc.momentum, tc.schedule,
+           tc.warmup_steps, tc.decay_rate, tc.steps if tc.schedule != "constant" else None)
+    if key not in _STEP_CACHE:
+        forward, gradient = _solve_objects(cfg)
+        optimizer = make_optimizer(tc)
+        _STEP_CACHE[key] = (forward, gradient, optimizer, make_train_step(gradient, optimizer))
+    forward, gradient, optimizer, step = _STEP_CACHE[key]
+    return forward, gradient, optimizer, step
+
+
+def _solve_objects(cfg: TrainConfig):
     from .cli import options
-    from .config import heads_from_config
     from ._gradients import Autodiff, Backsolve, Explicit
 
-    dtype = options.dtype_from_name(cfg.dtype)
     sc = cfg.solver
     try:
         solver = options.solver_from_name(sc.name)
@@ -304,10 +320,20 @@ def build_run(cfg: TrainConfig) -> Run:
     method = {"autodiff": Autodiff(), "explicit": Explicit(), "backsolve": Backsolve()}[
         cfg.train.gradient]
     gradient = MeanFieldGradient(method=method, solver=solver, stepping=stepping, kernel=kernel)
+    return forward, gradient
+
+
+def build_run(cfg: TrainConfig) -> Run:
+    """Build the initial heads, the task data and the training objects of `cfg` (deterministic)."""
+    from .cli import options
+    from .config import heads_from_config
+
+    dtype = options.dtype_from_name(cfg.dtype)
+    forward, gradient, optimizer, step = _training_objects(cfg)
     k_heads, k_task, k_data = jax.random.split(jax.random.PRNGKey(cfg.seed), 3)
     heads0 = heads_from_config(cfg.heads, k_heads, dtype)
     task = build_task(cfg, heads0, forward, k_task, dtype)
-    return Run(cfg, dtype, heads0, task, forward, gradient, make_optimizer(cfg.train), k_data)
+    return Run(cfg, dtype, heads0, task, forward, gradient, optimizer, k_data, step)
 
 
 def build_task(cfg: TrainConfig, heads0: HeadMeasure, forward: Forward, key, dtype):
@@ -383,6 +409,11 @@ def _test_metrics(forward, heads, batch):
 
 
 @eqx.filter_jit
+def _trajectory(forward, heads, tokens):
+    return forward.trajectory(heads, tokens)
+
+
+@eqx.filter_jit
 def _train_batch(task, key, step):
     return task.train_batch(key, step)
 
@@ -419,7 +450,7 @@ class _Progress:
 
 
 def train(cfg: TrainConfig, out, *, resume: bool = False, argv: list[str] | None = None,
-          progress: bool = True, stream=None) -> dict[str, Any]:
+          progress: bool = True, stream=None, figures: bool = True) -> dict[str, Any]:
     """Run (or resume) the training `cfg` describes in the run directory `out`.
 
     **Returns:** a summary dict (final step, loss, first loss, evaluation metrics, paths). Raises
@@ -429,6 +460,7 @@ def train(cfg: TrainConfig, out, *, resume: bool = False, argv: list[str] | None
     stream = stream or sys.stdout
     rd = RunDir(out)
     run = build_run(cfg)
+    mesh = _run_mesh(cfg, run)  # `mesh:` section: shard heads x batch over devices (None: one)
     tc = cfg.train
     state = run.initial_state()
     if resume:
@@ -444,8 +476,10 @@ def train(cfg: TrainConfig, out, *, resume: bool = False, argv: list[str] | None
                              f"`meanfield-tf resume {rd.path}` or choose another --out")
         rd.write_config(cfg)
         rd.write_manifest(cfg, argv)
-    step_fn = make_train_step(run.gradient, run.optimizer)
+    step_fn = run.step
     heads, opt_state, key = state.heads, state.opt_state, state.key
+    if mesh is not None:
+        heads, opt_state = _shard_run_state(heads, opt_state, mesh)
     start = int(state.step)
     total = tc.steps
     lr = float(tc.learning_rate)
@@ -460,7 +494,9 @@ def train(cfg: TrainConfig, out, *, resume: bool = False, argv: list[str] | None
     info = None
     try:
         for step in range(start, total):
-            batch = _train_batch(run.task, key, step)
+            batch = _train_batch(run.task, key, jnp.asarray(step, jnp.int32))
+            if mesh is not None:
+                batch = _shard_run_batch(batch, cfg, mesh)
             heads, opt_state, info = step_fn(heads, opt_state, batch)
             loss = float(info.loss)
             gnorm = float(info.grad_norm)
@@ -499,7 +535,8 @@ def train(cfg: TrainConfig, out, *, resume: bool = False, argv: list[str] | None
     summary = summarize(rd)
     summary["traces"] = step_fn.num_traces()
     try:
-        write_figures(rd, run, heads)
+        if figures:
+            write_figures(rd, run, heads)
     except Exception as err:  # figures must never lose a finished run
         print(f"warning: could not draw the figures ({type(err).__name__}: {err})", file=sys.stderr)
     return summary
@@ -547,11 +584,11 @@ def evaluate_run(path) -> dict[str, Any]:
     checkpoint's step), the test metrics and the W_{2,c} distance travelled."""
     rd, run, state = load_run(path)
     step = int(state.step)
-    batch = _train_batch(run.task, state.key, step)
-    loss, g = eqx.filter_jit(run.gradient)(state.heads, batch)
-    from ._training import particle_norm
-
-    out = {"step": step, "train_loss": float(loss), "grad_norm": float(particle_norm(g)),
+    batch = _train_batch(run.task, state.key, jnp.asarray(step, jnp.int32))
+    # the training step with a zero step size: risk and gradient norm at the checkpoint, without
+    # compiling anything new (the learning rate is an injected hyperparameter)
+    _, _, info = run.step(state.heads, set_learning_rate(state.opt_state, 0.0), batch)
+    out = {"step": step, "train_loss": float(info.loss), "grad_norm": float(info.grad_norm),
            **evaluate(run, state.heads)}
     text = json.dumps(out, indent=2).encode()
     _atomic_write(rd.path / "eval.json", lambda f: f.write(text))
@@ -581,11 +618,44 @@ def write_figures(rd: RunDir, run: Run, heads: HeadMeasure) -> list[Path]:
     p1 = np.asarray(_layer_particles(heads)[layer])
     paths.append(plots.plot_particles(rd.figure_dir / "particles.png", p0, p1,
                                       title=f"layer {layer} head particles (PCA of θ)"))
-    batch = run.task.test_batch() or _train_batch(run.task, run.data_key, 0)
+    batch = run.task.test_batch() or _train_batch(run.task, run.data_key, jnp.asarray(0, jnp.int32))
     tokens = jax.tree.map(lambda a: a[:4], batch.tokens)
     for name, h in (("initial", run.heads0), ("trained", heads)):
-        s, xs = eqx.filter_jit(run.forward.trajectory)(h, tokens)
+        s, xs = _trajectory(run.forward, h, tokens)
         paths.append(plots.plot_trajectories(
             rd.figure_dir / f"tokens_{name}.png", xs, tokens.w, s,
             title=f"token trajectories, {name} heads"))
     return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharding over a device mesh (the `mesh:` section; see meanfield_tf._sharding, docs/scaling.md)
+
+
+def _run_mesh(cfg: TrainConfig, run: Run):
+    """The `("heads", "data")` mesh of `cfg.mesh`, or `None` for a one-device run.
+
+    Raises `ConfigError` if there are too few devices or `M` is not divisible by `mesh.heads`.
+    """
+    from ._sharding import make_mesh
+
+    if not cfg.mesh.sharded:
+        return None
+    cfg.mesh.check(num_heads=run.heads0.num_heads)
+    return make_mesh(heads=cfg.mesh.heads, data=cfg.mesh.data)
+
+
+def _shard_run_state(heads: HeadMeasure, opt_state, mesh):
+    """Head particles split over `heads`; the optimiser state split like them (per particle)."""
+    from ._sharding import shard_heads, shard_like_heads
+
+    return shard_heads(heads, mesh), shard_like_heads(opt_state, heads, mesh)
+
+
+def _shard_run_batch(batch, cfg: TrainConfig, mesh):
+    """A training batch split over `data` along its sequences (`ConfigError` if `B % D`)."""
+    from ._sharding import shard_batch
+
+    size = batch.tokens.batch_size
+    cfg.mesh.check(batch_size=size)
+    return shard_batch(batch, mesh, size)

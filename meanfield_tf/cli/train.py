@@ -63,7 +63,8 @@ def _orders(first, last) -> str:
     return ""
 
 
-def _report(summary: dict, out=sys.stdout) -> None:
+def _report(summary: dict, out=None) -> None:
+    out = out or sys.stdout
     if "loss" in summary:
         print(f"step {summary['step']}: loss {summary['first_loss']:.4e} -> {summary['loss']:.4e}"
               f"{_orders(summary['first_loss'], summary['loss'])}", file=out)
