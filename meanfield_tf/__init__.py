@@ -68,5 +68,21 @@ from ._sharding import shard_batch as shard_batch
 from ._sharding import shard_heads as shard_heads
 from ._sharding import shard_like_heads as shard_like_heads
 from ._sharding import shard_tokens as shard_tokens
+from ._training import MeanFieldGradient as MeanFieldGradient
+from ._training import StepInfo as StepInfo
+from ._training import TrainingDiverged as TrainingDiverged
+from ._training import conditional_w2 as conditional_w2
+from ._training import gradient_flow_optimizer as gradient_flow_optimizer
+from ._training import make_train_step as make_train_step
+from ._training import particle_norm as particle_norm
+from ._training import set_learning_rate as set_learning_rate
+from ._tasks import Batch as Batch
+from ._tasks import Digits as Digits
+from ._tasks import DistributionMatching as DistributionMatching
+from ._tasks import InContextRegression as InContextRegression
+from ._tasks import TeacherStudent as TeacherStudent
+from ._tasks import evaluate_batch as evaluate_batch
+from ._tasks import in_context_regression_batch as in_context_regression_batch
+from ._tasks import perturbed_heads as perturbed_heads
 
 __version__ = "0.1.0"
