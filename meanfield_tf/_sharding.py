@@ -30,7 +30,7 @@ single-device arrays) and gathered back with `gather_to_host`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import numpy as np
@@ -286,12 +286,3 @@ def gather_to_host(tree: PyTree) -> PyTree:
 
     return jax.tree.map(to_host, tree)
 
-
-def describe_sharding(tree: PyTree) -> list[tuple[tuple[int, ...], Any]]:
-    """`(shape, partition spec)` of every array leaf: a readable summary for logs and tests."""
-    out = []
-    for leaf in jax.tree.leaves(tree):
-        if isinstance(leaf, jax.Array):
-            spec = getattr(leaf.sharding, "spec", None)
-            out.append((tuple(leaf.shape), spec))
-    return out
