@@ -123,7 +123,7 @@ def test_finite_transformer_matches_finite_differences(getkey, rank, interpolati
 def test_explicit_is_the_discrete_adjoint(getkey):
     """Explicit and autodiff agree to rounding on the finite transformer, and the states and
     adjoints it returns reproduce each layer's gradient through `gradient_field`."""
-    heads, tokens, risk = _problem(getkey, L=4, M=3, n=5)
+    heads, tokens, risk = _problem(getkey)
     _, g_auto = mf.risk_and_gradient(heads, tokens, risk)
     sol = mf.explicit_adjoint(heads, tokens, risk)
     assert sol.discrete and bool(sol.converged)
@@ -140,32 +140,45 @@ def test_explicit_is_the_discrete_adjoint(getkey):
 
 
 def test_dropping_nonlocal_term_gives_wrong_gradient(getkey):
-    heads, tokens, risk = _problem(getkey, L=4, M=3, n=5)
+    heads, tokens, risk = _problem(getkey)
     _, exact = mf.risk_and_gradient(heads, tokens, risk)
     _, local = mf.risk_and_gradient(heads, tokens, risk, method=mf.Explicit(nonlocal_term=False))
     errs = [rel_err(local.params[k], exact.params[k]) for k in exact.params]
     assert max(errs) > 0.05, errs  # measured ≈ 0.2–0.6; exact agreement is 1e-12 (test above)
 
 
-def test_query_risks_autodiff_equals_explicit(getkey):
-    B, n, d, C = 3, 4, 2, 3
+def _query_problem(getkey):
+    B, n, d = 3, 4, 2
     heads = mf.gaussian_heads(getkey(), 3, 2, d, scale_A=1.5, scale_V=1.5)
     tokens = mf.TokenBatch(jax.random.normal(getkey(), (B, n, d)), _weights(getkey(), B, n))
-    tokens = tokens.append_query(jnp.array([0.3, -0.2]))
-    P = jax.random.normal(getkey(), (C, d))
-    risks = [
-        mf.QueryRegression(jax.random.normal(getkey(), (B, d))),
-        mf.QueryClassification(jnp.array([0, 2, 1]), P),
-        mf.SinkhornRisk(jax.random.normal(getkey(), (B, 3, d)), epsilon=0.5),
-    ]
-    for risk in risks:
-        _, g_auto = mf.risk_and_gradient(heads, tokens, risk)
-        _, g_expl = mf.risk_and_gradient(heads, tokens, risk, method=mf.Explicit())
-        for k in heads.params:
-            # Sinkhorn: the two routes differentiate ott's fixed point slightly differently
-            tol = 1e-6 if isinstance(risk, mf.SinkhornRisk) else 1e-12
-            assert rel_err(g_expl.params[k], g_auto.params[k]) < tol, type(risk).__name__
-            assert float(jnp.abs(g_auto.params[k]).max()) > 0
+    return heads, tokens.append_query(jnp.array([0.3, -0.2]))
+
+
+def _assert_methods_agree(heads, tokens, risk, tol):
+    _, g_auto = mf.risk_and_gradient(heads, tokens, risk)
+    _, g_expl = mf.risk_and_gradient(heads, tokens, risk, method=mf.Explicit())
+    for k in heads.params:
+        assert rel_err(g_expl.params[k], g_auto.params[k]) < tol, type(risk).__name__
+        assert float(jnp.abs(g_auto.params[k]).max()) > 0
+
+
+def test_query_risks_autodiff_equals_explicit(getkey):
+    heads, tokens = _query_problem(getkey)
+    B, _, d = tokens.x.shape
+    P = jax.random.normal(getkey(), (3, d))
+    _assert_methods_agree(heads, tokens, mf.QueryRegression(jax.random.normal(getkey(), (B, d))),
+                          1e-12)
+    _assert_methods_agree(heads, tokens, mf.QueryClassification(jnp.array([0, 2, 1]), P), 1e-12)
+
+
+@pytest.mark.slow
+def test_sinkhorn_risk_autodiff_equals_explicit(getkey):
+    heads, tokens = _query_problem(getkey)
+    B, _, d = tokens.x.shape
+    risk = mf.SinkhornRisk(jax.random.normal(getkey(), (B, 3, d)), epsilon=0.5)
+    # autodiff differentiates ott's solve inside the flow's graph, explicit starts from
+    # risk.terminal_adjoint: both are ott's implicit gradient, up to the Sinkhorn threshold
+    _assert_methods_agree(heads, tokens, risk, 1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,10 +222,9 @@ def test_backsolve_refused_with_constant_step_euler(getkey):
 def test_failed_adaptive_solve_gives_nan(getkey):
     heads, tokens, risk = _problem(getkey)
     stepping = mf.AdaptiveSteps(rtol=1e-12, atol=1e-12, max_steps_per_layer=2)
-    for method in (mf.Autodiff(), mf.Explicit()):
-        loss, grads = mf.risk_and_gradient(heads, tokens, risk, method=method,
-                                           solver=diffrax.Tsit5(), stepping=stepping)
-        assert np.isnan(float(loss)) and bool(jnp.isnan(grads.V).all())
+    loss, grads = mf.risk_and_gradient(heads, tokens, risk, solver=diffrax.Tsit5(),
+                                       stepping=stepping)
+    assert np.isnan(float(loss)) and bool(jnp.isnan(grads.V).all())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,13 +254,21 @@ def test_gradient_field_converges_as_L_and_M_grow(getkey):
                                 solver=diffrax.Tsit5(),
                                 stepping=mf.AdaptiveSteps(rtol=1e-11, atol=1e-11))
     ref = mf.gradient_field(limit.states[1], tokens.w, limit.adjoints[1], probe)
-    errs = []
+    errs, noise = [], []
     for L, M in ((2, 2), (8, 32), (32, 512)):
-        sol = mf.explicit_adjoint(constant_heads(L, M, getkey(), 1.0), tokens, risk)
-        field = mf.gradient_field(sol.states[L // 2], tokens.w, sol.adjoints[L // 2 + 1], probe)
-        errs.append(max(rel_err(field[k], ref[k]) for k in ref))
+        fields = []
+        for sigma in (1.0, 0.0):  # the law, and its mean (no sampling noise)
+            sol = mf.explicit_adjoint(constant_heads(L, M, getkey(), sigma), tokens, risk)
+            fields.append(mf.gradient_field(sol.states[L // 2], tokens.w,
+                                            sol.adjoints[L // 2 + 1], probe))
+        errs.append(max(rel_err(fields[0][k], ref[k]) for k in ref))
+        noise.append(max(rel_err(fields[0][k], fields[1][k]) for k in ref))
+    print("gradient field vs mean-field limit:", errs, "sampling noise:", noise)
+    # measured: errs ≈ 0.60, 0.21, 0.045 (the O(1/L) depth discretisation dominates);
+    # the sampling noise ≈ 0.41, 0.070, 0.0075 falls like 1/sqrt(LM) = 1/2, 1/16, 1/128
     assert errs[1] < 0.5 * errs[0] and errs[2] < 0.5 * errs[1], errs
-    assert errs[2] < 0.05, errs
+    assert errs[2] < 0.1, errs
+    assert noise[1] < 0.5 * noise[0] and noise[2] < 0.5 * noise[1], noise
 
 
 # ---------------------------------------------------------------------------------------------
