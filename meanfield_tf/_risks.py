@@ -55,7 +55,7 @@ class AbstractRisk(eqx.Module):
         return jax.grad(lambda y: jnp.sum(self.losses(y, w)))(x)
 
 
-def _readout(readout, d_out: int | None, d: int | None, name: str):
+def _readout(readout, name: str):
     if readout is None:
         return None
     P = jnp.asarray(readout)
@@ -110,7 +110,7 @@ class TokenRegression(AbstractRisk):
             )
         check_finite("token-regression targets y", y)
         self.y = y
-        self.readout = _readout(readout, None, None, "token-regression")
+        self.readout = _readout(readout, "token-regression")
 
     def _project(self, x):
         return x if self.readout is None else x @ self.readout.T
@@ -153,7 +153,7 @@ class QueryRegression(AbstractRisk):
             )
         check_finite("query-regression targets y", y)
         self.y = y
-        self.readout = _readout(readout, None, None, "query-regression")
+        self.readout = _readout(readout, "query-regression")
 
     def _residual(self, x):
         xe = x[:, -1]
@@ -196,7 +196,7 @@ class QueryClassification(AbstractRisk):
                 f"class labels must be a 1-D integer array (B,), got shape {tuple(labels.shape)} "
                 f"and dtype {labels.dtype}"
             )
-        P = _readout(readout, None, None, "query-classification")
+        P = _readout(readout, "query-classification")
         if P is None:
             raise InputError("query classification needs a readout matrix of shape (C, d)")
         lab = _concrete(labels)
