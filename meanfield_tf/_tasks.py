@@ -11,7 +11,8 @@ fixed held-out batch (or `None`).
   (`TokenRegression`). Full batch.
 - `InContextRegression`: tokens `(x_k, <β, x_k>)`, β drawn per sequence; the prediction is the last
   coordinate of a query token `(x_q, 0)`; fresh sequences every step.
-- `Digits`: scikit-learn's 8×8 digits as sequences of 64 pixel tokens, classified by the readout
+- `Digits`: scikit-learn's 8×8 digits as sequences of 64 pixel tokens (optionally weighted by
+  their ink), classified by the readout
   query's logits (`QueryClassification`, cross-entropy); mini-batches of the training split.
 - `DistributionMatching`: the Sinkhorn divergence (`SinkhornRisk`) between every output token
   measure and its target measure. Full batch.
@@ -159,7 +160,7 @@ DIGIT_TOKEN_DIM = 3 + DIGIT_CLASSES
 
 def digit_tokens(images: np.ndarray, dtype=None) -> Float[Array, "N 64 13"]:
     """8×8 images `(N, 64)` with intensities in [0, 16] → pixel tokens `(N, 64, 13)`:
-    `(row, column, intensity, 0, ..., 0)` with row/column in [-1, 1], intensity in [0, 1]."""
+    `(row, column, intensity, 0, ..., 0)` with row, column and intensity scaled to [-1, 1]."""
     dtype = dtype or jnp.result_type(float)
     images = np.asarray(images, np.float64)
     r, c = np.divmod(np.arange(64), 8)
@@ -182,7 +183,9 @@ class Digits(AbstractTask):
     """scikit-learn's 8×8 digits, classified through a readout query token by cross-entropy.
 
     `x_train` `(N, 64, 13)` and labels; mini-batches of `batch_size` drawn without replacement
-    from the training split at every step; the whole test split is the test batch.
+    from the training split at every step; the whole test split is the test batch. Token weights
+    are uniform (`1/64`), or with `ink_weights=True` proportional to the intensity: the image is
+    then the probability measure of its ink, and blank pixels are exact padding.
     """
 
     x_train: Float[Array, "N 64 13"]
@@ -191,10 +194,11 @@ class Digits(AbstractTask):
     y_test: Int[Array, " T"]
     query: Float[Array, " 13"]
     batch_size: int = eqx.field(static=True)
+    ink_weights: bool = eqx.field(static=True, default=False)
 
     @classmethod
     def load(cls, *, batch_size: int = 64, test_fraction: float = 0.25, split_seed: int = 0,
-             query=None, dtype=None):
+             query=None, ink_weights: bool = False, dtype=None):
         """Load the data set shipped with scikit-learn (no download) and split it, stratified."""
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
@@ -213,13 +217,18 @@ class Digits(AbstractTask):
             raise InputError(f"the digits query token must have {DIGIT_TOKEN_DIM} coordinates, "
                              f"got shape {tuple(query.shape)}")
         return cls(digit_tokens(xtr, dtype), jnp.asarray(ytr, jnp.int32), digit_tokens(xte, dtype),
-                   jnp.asarray(yte, jnp.int32), query, batch_size)
+                   jnp.asarray(yte, jnp.int32), query, batch_size, ink_weights)
 
     def _batch(self, x, y) -> Batch:
-        n = x.shape[1]
-        w = jnp.full(x.shape[:2], 1.0 / n, x.dtype)
+        w = self._weights(x)
         q = jnp.broadcast_to(self.query, (x.shape[0], x.shape[-1]))
         return Batch(_query_batch(x, w, q), QueryClassification(y, digits_readout(x.dtype)))
+
+    def _weights(self, x):
+        if not self.ink_weights:
+            return jnp.full(x.shape[:2], 1.0 / x.shape[1], x.dtype)
+        ink = (x[..., 2] + 1.0) / 2.0  # intensity back in [0, 1]
+        return ink / jnp.sum(ink, axis=1, keepdims=True)
 
     def train_batch(self, key, step) -> Batch:
         idx = jax.random.choice(jax.random.fold_in(key, step), self.y_train.shape[0],

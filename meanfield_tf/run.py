@@ -363,7 +363,8 @@ def build_task(cfg: TrainConfig, heads0: HeadMeasure, forward: Forward, key, dty
     if isinstance(t, DigitsTask):
         try:
             return _tasks.Digits.load(batch_size=t.batch_size, test_fraction=t.test_fraction,
-                                      split_seed=t.split_seed, query=t.query, dtype=dtype)
+                                      split_seed=t.split_seed, query=t.query,
+                                      ink_weights=t.ink_weights, dtype=dtype)
         except InputError as err:
             raise ConfigError(f"task: {err}") from None
     if isinstance(t, DistributionMatchingTask):

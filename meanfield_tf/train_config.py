@@ -104,8 +104,9 @@ class InContextRegressionTask:
 @dataclasses.dataclass(frozen=True)
 class DigitsTask:
     """scikit-learn's 8×8 digits: each image is a sequence of 64 pixel tokens
-    `(row, column, intensity, 0, ..., 0)` in `R^{3 + 10}` (coordinates scaled to [-1, 1], intensity
-    to [0, 1]); a readout query token is appended and the class logits are the last 10
+    `(row, column, intensity, 0, ..., 0)` in `R^{3 + 10}` (each scaled to [-1, 1]), with uniform
+    weights or (`ink_weights: true`) weights proportional to the intensity; a readout query
+    token is appended and the class logits are the last 10
     coordinates of its final position, trained by cross-entropy. Train/test split by
     `test_fraction` (stratified, seeded by `split_seed`); mini-batches of `batch_size`."""
 
@@ -114,6 +115,7 @@ class DigitsTask:
     test_fraction: float = 0.25
     split_seed: int = 0
     query: Optional[list[float]] = None  # default (0, 0, 1, 0, ..., 0): a bright central pixel
+    ink_weights: bool = False  # token weights ∝ intensity (blank pixels become padding)
 
     def __post_init__(self):
         _positive("task.batch_size", self.batch_size)

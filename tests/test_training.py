@@ -1,6 +1,7 @@
 """Training: the gradient flow step, the optimiser, the W2 distance, the tasks."""
 
 import dataclasses
+from pathlib import Path
 
 import equinox as eqx
 import jax
@@ -26,6 +27,8 @@ from meanfield_tf._training import (
 )
 from meanfield_tf.run import build_run
 from meanfield_tf.train_config import load_train_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 # A small float64 teacher–student problem: L = 2 layers of M = 16 heads in d = 2, 4 sequences of
 # 8 tokens plus the readout query (the small-initial-loss regime of the default config).
@@ -158,7 +161,7 @@ def test_conditional_w2_matches_exact_assignment(getkey):
 
 def test_in_context_regression_batch_is_linear(getkey):
     dim_x, n = 3, 10
-    b = in_context_regression_batch(getkey(), 5, n, dim_x)
+    b = eqx.filter_jit(in_context_regression_batch)(getkey(), 5, n, dim_x)
     x, w = np.asarray(b.tokens.x), np.asarray(b.tokens.w)
     assert x.shape == (5, n + 1, dim_x + 1)
     np.testing.assert_allclose(w[:, :n].sum(1), 1.0)
@@ -172,8 +175,10 @@ def test_in_context_regression_batch_is_linear(getkey):
                                0.5 * np.mean(np.asarray(b.risk.y[:, 0]) ** 2), rtol=1e-12)
     task = InContextRegression(getkey(), batch_size=4, n=n, dim_x=dim_x, test_size=8)
     k = getkey()
-    assert np.array_equal(task.train_batch(k, 3).tokens.x, task.train_batch(k, 3).tokens.x)
-    assert not np.array_equal(task.train_batch(k, 3).tokens.x, task.train_batch(k, 4).tokens.x)
+    tb = eqx.filter_jit(lambda t, key, i: t.train_batch(key, i).tokens.x)
+    three, four = jnp.asarray(3), jnp.asarray(4)
+    assert np.array_equal(tb(task, k, three), tb(task, k, three))
+    assert not np.array_equal(tb(task, k, three), tb(task, k, four))
 
 
 def test_digit_tokens_match_pixels():
@@ -186,31 +191,30 @@ def test_digit_tokens_match_pixels():
             for c in range(8):
                 t = tok[i, 8 * r + c]
                 assert t[0] == pytest.approx(-1 + 2 * r / 7) and t[1] == pytest.approx(-1 + 2 * c / 7)
-                assert t[2] == pytest.approx(img[i, 8 * r + c] / 16)
+                assert t[2] == pytest.approx(img[i, 8 * r + c] / 8 - 1)
                 assert np.all(t[3:] == 0)
 
 
 def test_digits_short_run_is_above_chance():
-    """A short float32 run (a few hundred small mini-batches) classifies held-out digits far
-    better than chance (10%)."""
-    cfg = load_train_config("configs/digits.yaml", [
-        "heads.layers=2", "heads.heads=8", "task.batch_size=32", "train.steps=150",
-    ])
+    """A short float32 run (120 mini-batches of 32 images, constant step) classifies held-out
+    digits far better than chance (10%: with 450 test images a binomial standard deviation is
+    1.4%, so 25% is more than 10 of them away)."""
+    cfg = load_train_config(CONFIGS / "digits.yaml", ["train.steps=120", "train.schedule=constant"])
     run = build_run(cfg)
-    step = make_train_step(run.gradient, run.optimizer)
     heads, s = run.heads0, run.optimizer.init(run.heads0.params)
     batch_fn = eqx.filter_jit(run.task.train_batch)
     for k in range(cfg.train.steps):
-        heads, s, info = step(heads, s, batch_fn(run.data_key, jnp.asarray(k)))
+        heads, s, info = run.step(heads, s, batch_fn(run.data_key, jnp.asarray(k)))
     from meanfield_tf._tasks import evaluate_batch
 
     test = run.task.test_batch()
+    assert test.tokens.x.shape == (450, 65, 13)
     acc = float(evaluate_batch(test, run.forward(heads, test.tokens))["accuracy"])
-    assert acc > 0.5, acc
+    assert acc > 0.25, acc
 
 
 def test_distribution_matching_reduces_sinkhorn_divergence():
-    cfg = load_train_config("configs/distribution_matching.yaml",
+    cfg = load_train_config(CONFIGS / "distribution_matching.yaml",
                             ["train.steps=30", "heads.layers=2", "heads.heads=8",
                              "task.tokens.n=12", "task.target_n=12"])
     run = build_run(cfg)
