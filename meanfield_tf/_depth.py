@@ -50,7 +50,7 @@ class AdaptiveSteps(eqx.Module):
 
     def __check_init__(self):
         try:
-            bad = float(self.rtol) <= 0 or float(self.atol) <= 0
+            bad = not (float(self.rtol) > 0 and float(self.atol) > 0)  # NaN is bad too
         except Exception:  # traced tolerances: nothing to check
             bad = False
         if bad:
@@ -144,7 +144,7 @@ def integrate_depth(
         k = None
         controller = diffrax.PIDController(rtol=stepping.rtol, atol=stepping.atol)
         max_steps = stepping.max_steps_per_layer
-        if solver.order(term) is None:
+        if not isinstance(solver, diffrax.AbstractAdaptiveSolver) or solver.order(term) is None:
             raise InputError(f"{type(solver).__name__} has no error estimate; use FixedSteps")
     if depths is not None:
         depths = jnp.asarray(depths, dtype)

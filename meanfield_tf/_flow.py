@@ -13,6 +13,7 @@ from __future__ import annotations
 import diffrax
 import equinox as eqx
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from ._attention import AttentionKernel, DenseKernel, attention_velocity
@@ -53,7 +54,8 @@ def check_depths(depths: Float[Array, " T"]) -> None:
         raise InputError(f"depths must be a non-empty 1-D array of depths in [0, 1], got shape "
                          f"{depths.shape}")
     dd = concrete_or_none(depths)
-    if dd is not None and ((dd < 0).any() or (dd > 1).any() or (dd[1:] < dd[:-1]).any()):
+    if dd is not None and (not np.isfinite(dd).all() or (dd < 0).any() or (dd > 1).any()
+                           or (dd[1:] < dd[:-1]).any()):
         raise InputError("depths must be sorted and lie in [0, 1]")
 
 

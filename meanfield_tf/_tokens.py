@@ -53,6 +53,8 @@ class TokenBatch(eqx.Module):
         if not jnp.issubdtype(x.dtype, jnp.floating):
             x = x.astype(jnp.result_type(float))
         b, n, _ = x.shape
+        if n == 0:
+            raise InputError("tokens x has no tokens (n = 0); every sequence needs at least one token")
         if w is None:
             w = jnp.full((b, n), 1.0 / n, dtype=x.dtype)
         w = jnp.asarray(w, dtype=x.dtype)
