@@ -89,12 +89,14 @@ def main(argv=None) -> int:
     print(f"B={B}, n={n}, d={d}, L={L}, M={M}, float32, {jax.devices()[0].platform} "
           f"({platform.processor() or platform.machine()})")
     print()
-    print("| solver | steps | method | time (ms) | peak (MiB) | time / autodiff | memory / autodiff |")
+    print("| solver | steps | method | time (ms) | peak (MiB) | time / autodiff "
+          "| memory / autodiff |")
     print("|---|---:|---|---:|---:|---:|---:|")
     for r in rows:
         b = base[(r["solver"], r["steps"])]
         tr = r["seconds"] / b["seconds"]
-        mr = (r["peak_bytes"] / b["peak_bytes"]) if r["peak_bytes"] and b["peak_bytes"] else float("nan")
+        both = r["peak_bytes"] and b["peak_bytes"]
+        mr = r["peak_bytes"] / b["peak_bytes"] if both else float("nan")
         r["time_ratio"], r["memory_ratio"] = tr, mr
         print(f"| {r['solver']} | {r['steps']} | {r['method']} | {r['seconds'] * 1e3:.2f} | "
               f"{(r['peak_bytes'] or 0) / 2**20:.2f} | {tr:.2f} | {mr:.2f} |")

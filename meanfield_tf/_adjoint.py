@@ -148,8 +148,8 @@ def gradient_field(
 ) -> dict[str, Array]:
     r"""The gradient field $\nabla_\theta G(s, \theta)$ at arbitrary heads $\theta$, in closed form.
 
-    $$\nabla_\theta G(s,\theta) = \frac1B \sum_i \sum_k \nabla_\theta a_\theta[\mu^i_s](X^i_{s,k})^\top
-      \lambda^i_{s,k}$$
+    $$\nabla_\theta G(s,\theta) = \frac1B \sum_i \sum_k
+      \nabla_\theta a_\theta[\mu^i_s](X^i_{s,k})^\top \lambda^i_{s,k}$$
 
     with $\mu^i_s = \sum_k w_{ik} \delta_{X^i_{s,k}}$. The heads need not be particles of the
     head measure: this evaluates the first variation's gradient anywhere in parameter space.

@@ -127,7 +127,9 @@ def check_gradient_options(heads, tokens, risk, method, solver, stepping) -> Non
             f"unknown gradient method {method!r}; use Autodiff(), Backsolve() or Explicit()"
         )
     if not isinstance(stepping, (FixedSteps, AdaptiveSteps)):
-        raise InputError(f"stepping must be FixedSteps(k) or AdaptiveSteps(rtol, atol), got {stepping!r}")
+        raise InputError(
+            f"stepping must be FixedSteps(k) or AdaptiveSteps(rtol, atol), got {stepping!r}"
+        )
     check_compatible(heads, tokens)
     risk.validate(tokens)
     if isinstance(method, Backsolve) and _is_discrete_euler(solver, stepping):
@@ -137,7 +139,8 @@ def check_gradient_options(heads, tokens, risk, method, solver, stepping) -> Non
             "error); use Autodiff() or Explicit() for the exact finite-transformer gradient, or "
             "an adaptive solver (e.g. Tsit5 with AdaptiveSteps) for the continuous-depth gradient"
         )
-    if isinstance(stepping, AdaptiveSteps) and solver.order(diffrax.ODETerm(lambda t, y, a: y)) is None:
+    probe_term = diffrax.ODETerm(lambda t, y, a: y)
+    if isinstance(stepping, AdaptiveSteps) and solver.order(probe_term) is None:
         raise InputError(f"{type(solver).__name__} has no error estimate; use FixedSteps")
 
 
@@ -266,7 +269,8 @@ def _discrete_cell(field, w, L, k, piecewise, nonlocal_term):
             s = s0 + j * h
             theta = args.params_at(s)
             x = xsub[j]
-            # ∂R/∂θ_j = (h/M) ∇G(X_j, λ_{j+1}, θ_j);  λ_j = λ_{j+1} + h (∂v/∂X)(X_j)^T λ_{j+1}
+            # ∂R/∂θ_j = (h/M) ∇G(X_j, λ_{j+1}, θ_j)
+            # λ_j = λ_{j+1} + h (∂v/∂X)(X_j)^T λ_{j+1}
             adj, gf = adjoint_and_gradient(x, w, lam, theta, nonlocal_term=nonlocal_term)
             u = jnp.zeros((), x.dtype) if piecewise else (s - s0) * L
             gl = jax.tree.map(lambda a, g: a + (L * h) * (1 - u) * g, gl, gf)
@@ -285,7 +289,8 @@ def _continuous_cell(field, w, L, solver, stepping, piecewise, nonlocal_term):
     r"""One cell of the continuous adjoint: integrate backwards from $s_{l+1}$ to $s_l$
 
     $$\dot X = v,\quad \dot\lambda = -(\partial v/\partial X)^\top\lambda,\quad
-      \dot g_{\text{left}} = -L(1-u)\nabla_\theta G,\quad \dot g_{\text{right}} = -L u \nabla_\theta G,$$
+      \dot g_{\text{left}} = -L(1-u)\nabla_\theta G,\quad
+      \dot g_{\text{right}} = -L u \nabla_\theta G,$$
 
     starting from the stored forward state $X_{s_{l+1}}$ (so state errors do not accumulate across
     cells), $u = (s - s_l) L$ (piecewise heads: $u = 0$).

@@ -37,7 +37,9 @@ from ._tokens import TokenBatch
 
 
 class AbstractRisk(eqx.Module):
-    """Base class: $R = \\frac1B\\sum_i J_i(X^i_1)$. Subclasses implement `losses` and `validate`."""
+    """Base class: $R = \\frac1B\\sum_i J_i(X^i_1)$.
+
+    Subclasses implement `losses` and `validate`."""
 
     @abc.abstractmethod
     def losses(self, x: Float[Array, "B n d"], w: Float[Array, "B n"]) -> Float[Array, " B"]:
@@ -45,12 +47,14 @@ class AbstractRisk(eqx.Module):
 
     @abc.abstractmethod
     def validate(self, tokens: TokenBatch) -> None:
-        """Raise `InputError` unless the risk's targets fit `tokens` (shapes, dtypes, query token)."""
+        """Raise `InputError` unless the targets fit `tokens` (shapes, dtypes, query token)."""
 
     def __call__(self, x: Float[Array, "B n d"], w: Float[Array, "B n"]) -> Float[Array, ""]:
         return jnp.mean(self.losses(x, w))
 
-    def terminal_adjoint(self, x: Float[Array, "B n d"], w: Float[Array, "B n"]) -> Float[Array, "B n d"]:
+    def terminal_adjoint(
+        self, x: Float[Array, "B n d"], w: Float[Array, "B n"]
+    ) -> Float[Array, "B n d"]:
         r"""$\partial J_i / \partial X^i_1$ for every sequence `(B, n, d)` (no $1/B$ factor)."""
         return jax.grad(lambda y: jnp.sum(self.losses(y, w)))(x)
 

@@ -232,7 +232,7 @@ def test_failed_adaptive_solve_gives_nan(getkey):
 
 
 def test_gradient_field_converges_as_L_and_M_grow(getkey):
-    r"""Heads i.i.d. from a fixed law: A = Ā for all heads, V = V̄ + σ ξ with ξ standard normal.
+    r"""Heads i.i.d. from a fixed law: A = Ā for all heads, V = V̄ + σ ξ, ξ standard normal.
 
     The mean-field limit of this law is the continuous-depth flow of the single head (Ā, V̄)
     (the velocity is linear in V), solved here to 1e-11 with Tsit5. The gradient field at a fixed
@@ -244,7 +244,7 @@ def test_gradient_field_converges_as_L_and_M_grow(getkey):
     V_bar = 0.8 * jax.random.normal(getkey(), (d, d))
     tokens = mf.TokenBatch(jax.random.normal(getkey(), (B, n, d)), _weights(getkey(), B, n))
     risk = mf.TokenRegression(jax.random.normal(getkey(), (B, n, d)))
-    probe = {"A": jax.random.normal(getkey(), (3, d, d)), "V": jax.random.normal(getkey(), (3, d, d))}
+    probe = {k: jax.random.normal(getkey(), (3, d, d)) for k in ("A", "V")}
 
     def constant_heads(L, M, key, sigma):
         V = V_bar + sigma * jax.random.normal(key, (L, M, d, d))

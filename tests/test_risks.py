@@ -79,7 +79,7 @@ def test_query_regression_and_classification(getkey):
 
 
 def _numpy_sinkhorn_cost(x, a, y, b, eps, iters=20000):
-    """Entropic OT cost ⟨f, a⟩ + ⟨g, b⟩ at the fixed point of log-domain Sinkhorn (|x - y|² cost)."""
+    """Entropic OT cost ⟨f, a⟩ + ⟨g, b⟩ at the fixed point of log-domain Sinkhorn, |x - y|² cost."""
     from scipy.special import logsumexp
 
     x, a = x[a > 0], a[a > 0]
