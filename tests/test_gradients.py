@@ -219,12 +219,19 @@ def test_backsolve_refused_with_constant_step_euler(getkey):
                              stepping=mf.FixedSteps(8))
 
 
-def test_failed_adaptive_solve_gives_nan(getkey):
+def test_failed_adaptive_solve_gives_nan_and_tolerances_do_not_recompile(getkey):
     heads, tokens, risk = _problem(getkey)
-    stepping = mf.AdaptiveSteps(rtol=1e-12, atol=1e-12, max_steps_per_layer=2)
-    loss, grads = mf.risk_and_gradient(heads, tokens, risk, solver=diffrax.Tsit5(),
-                                       stepping=stepping)
+
+    @eqx.filter_jit
+    @eqx.debug.assert_max_traces(max_traces=1)
+    def grad(stepping):
+        return mf.risk_and_gradient(heads, tokens, risk, solver=diffrax.Tsit5(),
+                                    stepping=stepping)
+
+    loss, grads = grad(mf.AdaptiveSteps(rtol=1e-12, atol=1e-12, max_steps_per_layer=2))
     assert np.isnan(float(loss)) and bool(jnp.isnan(grads.V).all())
+    loss, grads = grad(mf.AdaptiveSteps(rtol=0.5, atol=0.5, max_steps_per_layer=2))
+    assert np.isfinite(float(loss)) and bool(jnp.isfinite(grads.V).all())
 
 
 # ---------------------------------------------------------------------------------------------
