@@ -207,8 +207,3 @@ def test_adaptive_solve_that_cannot_converge():
     assert ok.shape == (L,) and not ok.all()
     with raises(mf.SolverError, f"failed in layer {int(np.argmin(ok))} of {L}"):
         mf.check_converged(sol)
-    # the same problem with room to converge passes the check
-    fine = mf.flow(heads, tokens, solver=diffrax.Tsit5(),
-                   stepping=mf.AdaptiveSteps(rtol=1e-10, atol=1e-12))
-    assert np.asarray(fine.converged).all()
-    mf.check_converged(fine)

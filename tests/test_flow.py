@@ -264,7 +264,7 @@ SOLVERS = {
 }
 # Each case costs 4 compilations of the flow (~2 s of CPU each): a few representative cases run
 # by default; the whole grid (every solver on both interpolations) is marked slow.
-FAST = {("Midpoint", "linear"), ("ClassicalRK4", "piecewise"), ("Tsit5", "piecewise")}
+FAST = {("ClassicalRK4", "piecewise"), ("Tsit5", "piecewise")}
 ORDER_CASES = [
     pytest.param(name, interp, id=f"{name}-{interp}",
                  marks=() if (name, interp) in FAST else pytest.mark.slow)

@@ -79,35 +79,40 @@ def test_moment_velocity_matches_quadrature_of_attention():
     assert rel_err(dS, dS_ref) <= 1e-10
 
 
-def _moment_errors(heads, mean, cov, exact, n, num_seeds, seed):
-    """Per-seed errors |m_hat - m| + |S_hat - S|_F at s = 1 of n sampled tokens pushed by `flow`."""
-    rng = np.random.default_rng(seed)
-    x = rng.multivariate_normal(mean, cov, size=(num_seeds, n))
-    # Tsit5 with 2 steps per layer: discretisation error ~1e-5, far below the sampling error
-    sol = mf.flow(heads, mf.TokenBatch(jnp.asarray(x)), solver=diffrax.Tsit5(),
-                  stepping=mf.FixedSteps(2), kernel=mf.ChunkedKernel(256))
-    x1 = np.asarray(sol.x)
-    m_hat = x1.mean(axis=1)
-    c = x1 - m_hat[:, None]
-    S_hat = np.einsum("bni,bnj->bij", c, c) / n
-    return (np.linalg.norm(m_hat - exact.mean[-1], axis=-1)
-            + np.linalg.norm(S_hat - exact.cov[-1], axis=(-2, -1)))
-
-
-def test_sampled_tokens_converge_to_the_moment_flow(getkey):
-    # Seeds run as the sequences of one batch (sequences interact only through the heads).
-    heads = mf.gaussian_heads(getkey(), 2, 2, 2, scale_A=1.0, scale_V=1.0)
+def test_sampled_tokens_converge_to_the_moment_flow():
+    # For each n in (32, 128, 512), 32 independent sequences of n tokens ~ N(m, S) are pushed by
+    # `flow`; their empirical moments at s = 1 are compared with the exact moment flow. All 96
+    # sequences run in one batch of 512 token slots (sequences interact only through the heads):
+    # a sequence of n tokens fills its first n slots, the rest is zero-weight padding.
+    rng = np.random.default_rng(3)
+    A, V = rng.normal(size=(2, 2, 2, 2)) / np.sqrt(2), rng.normal(size=(2, 2, 2, 2)) / np.sqrt(2)
+    heads = mf.HeadMeasure(A=jnp.asarray(A), V=jnp.asarray(V))
     mean, cov = np.array([0.5, -0.3]), np.array([[0.6, 0.2], [0.2, 0.4]])
     exact = mf.gaussian_flow(heads, mean, cov)
-    moved = np.abs(np.asarray(exact.cov[-1]) - cov).max() + np.abs(np.asarray(exact.mean[-1]) - mean).max()
-    assert moved > 0.1  # the flow changes the moments substantially
-    ns = np.array([32, 128, 512])
-    rms = np.array([np.sqrt(np.mean(_moment_errors(heads, mean, cov, exact, n, 16, i) ** 2))
-                    for i, n in enumerate(ns)])
+    m1, S1 = np.asarray(exact.mean[-1]), np.asarray(exact.cov[-1])
+    assert np.abs(S1 - cov).max() + np.abs(m1 - mean).max() > 0.1  # the moments really move
+    ns, seeds, slots = np.array([32, 128, 512]), 32, 512
+    x = rng.multivariate_normal(mean, cov, size=(len(ns) * seeds, slots))
+    n_of_row = np.repeat(ns, seeds)
+    w = (np.arange(slots) < n_of_row[:, None]) / n_of_row[:, None]
+    # Tsit5 with 2 steps per layer: discretisation error ~1e-5, far below the sampling error
+    sol = mf.flow(heads, mf.TokenBatch(jnp.asarray(x), jnp.asarray(w)), solver=diffrax.Tsit5(),
+                  stepping=mf.FixedSteps(2), kernel=mf.ChunkedKernel(128))
+    x1 = np.asarray(sol.x)
+    rms = []
+    for i, n in enumerate(ns):
+        xi = x1[i * seeds:(i + 1) * seeds, :n]
+        m_hat = xi.mean(axis=1)
+        c = xi - m_hat[:, None]
+        S_hat = np.einsum("bni,bnj->bij", c, c) / n
+        err = np.linalg.norm(m_hat - m1, axis=-1) + np.linalg.norm(S_hat - S1, axis=(-2, -1))
+        rms.append(np.sqrt(np.mean(err**2)))
+    rms = np.array(rms)
     slope = np.polyfit(np.log(ns), np.log(rms), 1)[0]
     print("rms errors", rms, "slope", slope)
     assert np.all(np.diff(rms) < 0)
-    # Monte Carlo rate n^{-1/2}. With 16 seeds the RMS at each n is known to about +-18% (a chi
-    # variable with >= 16 degrees of freedom), so the fitted slope over a factor 16 in n is
-    # -0.5 +- 0.1 (one s.e.); O(1/n) bias at the smallest n flattens it slightly.
+    # Monte Carlo rate n^{-1/2}. The errors are heavy-tailed (the flow amplifies covariance
+    # errors): with 32 sequences per n the fitted slope over a factor 16 in n scatters by about
+    # +-0.08 between random draws (measured over draws: -0.43 to -0.49), and O(1/n) bias at the
+    # smallest n flattens it slightly; the band is -0.5 +- 0.2.
     assert -0.7 <= slope <= -0.3
