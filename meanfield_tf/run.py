@@ -263,8 +263,11 @@ class Run:
     step: Any = None  # the jitted training step (see `_training.make_train_step`)
 
     def initial_state(self) -> TrainState:
-        return TrainState(step=jnp.asarray(0, jnp.int32),
-                          heads=self.heads0, opt_state=self.optimizer.init(self.heads0.params),
+        # the optimiser object is shared between runs with the same settings (one compiled step):
+        # the step size of *this* config goes into the state, as an injected hyperparameter
+        opt_state = set_learning_rate(self.optimizer.init(self.heads0.params),
+                                      self.cfg.train.learning_rate)
+        return TrainState(step=jnp.asarray(0, jnp.int32), heads=self.heads0, opt_state=opt_state,
                           key=self.data_key)
 
 
@@ -478,6 +481,7 @@ def train(cfg: TrainConfig, out, *, resume: bool = False, argv: list[str] | None
         rd.write_config(cfg)
         rd.write_manifest(cfg, argv)
     step_fn = run.step
+    traces_before = step_fn.num_traces()
     heads, opt_state, key = state.heads, state.opt_state, state.key
     if mesh is not None:
         heads, opt_state = _shard_run_state(heads, opt_state, mesh)
@@ -534,7 +538,7 @@ def train(cfg: TrainConfig, out, *, resume: bool = False, argv: list[str] | None
         if bar is not None:
             bar.close()
     summary = summarize(rd)
-    summary["traces"] = step_fn.num_traces()
+    summary["traces"] = step_fn.num_traces() - traces_before  # compilations during this run
     try:
         if figures:
             write_figures(rd, run, heads)

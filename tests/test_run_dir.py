@@ -63,7 +63,7 @@ def test_run_directory_contents(full_run):
     assert not [p for p in rd.checkpoint_dir.iterdir() if p.name.startswith(".")]
     for name in ("loss.png", "particles.png", "tokens_initial.png", "tokens_trained.png"):
         assert (out / "figures" / name).stat().st_size > 1000
-    assert summary["traces"] == 1
+    assert summary["traces"] <= 1  # 0 when an earlier test compiled the same step
     assert summary["loss"] < summary["first_loss"]
 
 

@@ -42,13 +42,23 @@ def small():
     return run, make_train_step(run.gradient, run.optimizer), eqx.filter_jit(run.gradient)
 
 
+def test_initial_state_carries_the_configured_step_size():
+    """Runs with the same optimiser settings share one optimiser object (one compiled step), but
+    each starts with its own learning rate."""
+    a = build_run(load_train_config(None, SMALL + ["train.learning_rate=0.25"]))
+    b = build_run(load_train_config(None, SMALL + ["train.learning_rate=3.0"]))
+    assert a.step is b.step
+    assert float(a.initial_state().opt_state.hyperparams["learning_rate"]) == 0.25
+    assert float(b.initial_state().opt_state.hyperparams["learning_rate"]) == 3.0
+
+
 def _loss(run, heads, batch):
     return batch.risk(run.forward(heads, batch.tokens), batch.tokens.w)
 
 
 def test_teacher_student_log_loss_decays_linearly(small):
     run, step, _ = small
-    heads, opt_state = run.heads0, run.optimizer.init(run.heads0.params)
+    heads, opt_state = run.heads0, run.initial_state().opt_state
     losses = []
     for k in range(run.cfg.train.steps):
         heads, opt_state, info = step(heads, opt_state, run.task.train_batch(run.data_key, k))
@@ -79,7 +89,7 @@ def test_step_is_euler_on_mean_field_gradient_and_lr_change_does_not_retrace(sma
     run, step, grad = small
     batch = run.task.train_batch(run.data_key, 0)
     h0 = run.heads0
-    s0 = set_learning_rate(run.optimizer.init(h0.params), 0.5)
+    s0 = set_learning_rate(run.initial_state().opt_state, 0.5)
     h1, s1, info = step(h0, s0, batch)
     L, M = h0.num_layers, h0.num_heads
     g = jax.tree.map(lambda a, b: (a - b) / 0.5, h0.params, h1.params)  # = g exactly (up to rounding)
@@ -201,7 +211,7 @@ def test_digits_short_run_is_above_chance():
     1.4%, so 25% is more than 10 of them away)."""
     cfg = load_train_config(CONFIGS / "digits.yaml", ["train.steps=120", "train.schedule=constant"])
     run = build_run(cfg)
-    heads, s = run.heads0, run.optimizer.init(run.heads0.params)
+    heads, s = run.heads0, run.initial_state().opt_state
     batch_fn = eqx.filter_jit(run.task.train_batch)
     for k in range(cfg.train.steps):
         heads, s, info = run.step(heads, s, batch_fn(run.data_key, jnp.asarray(k)))
@@ -218,10 +228,10 @@ def test_distribution_matching_reduces_sinkhorn_divergence():
                             ["train.steps=30", "heads.layers=2", "heads.heads=8",
                              "task.tokens.n=12", "task.target_n=12"])
     run = build_run(cfg)
-    step = make_train_step(run.gradient, run.optimizer)
-    heads, s = run.heads0, run.optimizer.init(run.heads0.params)
+    heads, s = run.heads0, run.initial_state().opt_state
+    assert float(s.hyperparams["learning_rate"]) == cfg.train.learning_rate
     losses = []
     for k in range(cfg.train.steps):
-        heads, s, info = step(heads, s, run.task.train_batch(run.data_key, k))
+        heads, s, info = run.step(heads, s, run.task.train_batch(run.data_key, k))
         losses.append(float(info.loss))
     assert np.all(np.isfinite(losses)) and losses[-1] < 0.5 * losses[0], losses[::10]
