@@ -136,8 +136,9 @@ def check_gradient_options(heads, tokens, risk, method, solver, stepping) -> Non
         raise InputError(
             "Backsolve with constant-step Euler does not return the gradient of the network it "
             "simulates (each backward step is evaluated at the state after the layer, an O(1/L) "
-            "error); use Autodiff() or Explicit() for the exact finite-transformer gradient, or "
-            "an adaptive solver (e.g. Tsit5 with AdaptiveSteps) for the continuous-depth gradient"
+            "error); use the autodiff or explicit method (Autodiff(), Explicit()) for the exact "
+            "finite-transformer gradient, or an adaptive solver (e.g. --solver tsit5 --rtol 1e-8, "
+            "Tsit5 with AdaptiveSteps) for the continuous-depth gradient"
         )
     probe_term = diffrax.ODETerm(lambda t, y, a: y)
     if isinstance(stepping, AdaptiveSteps) and solver.order(probe_term) is None:
