@@ -271,12 +271,10 @@ class Run:
                           key=self.data_key)
 
 
-def make_optimizer(train) -> Any:
-    """The optax optimiser a `TrainSection` describes (see `gradient_flow_optimizer`)."""
+def schedule_shape(train):
+    """The step-size shape `count -> factor` of a `TrainSection` (None: constant)."""
     import optax
 
-    base = {"sgd": None, "momentum": optax.trace(decay=train.momentum),
-            "adam": optax.scale_by_adam()}[train.optimizer]
     main_steps = max(train.steps - train.warmup_steps, 1)
     shape = {
         "constant": None,
@@ -287,7 +285,16 @@ def make_optimizer(train) -> Any:
         warm = optax.linear_schedule(0.0, 1.0, train.warmup_steps)
         shape = optax.join_schedules([warm, shape or optax.constant_schedule(1.0)],
                                      [train.warmup_steps])
-    return gradient_flow_optimizer(train.learning_rate, base=base, schedule=shape)
+    return shape
+
+
+def make_optimizer(train) -> Any:
+    """The optax optimiser a `TrainSection` describes (see `gradient_flow_optimizer`)."""
+    import optax
+
+    base = {"sgd": None, "momentum": optax.trace(decay=train.momentum),
+            "adam": optax.scale_by_adam()}[train.optimizer]
+    return gradient_flow_optimizer(train.learning_rate, base=base, schedule=schedule_shape(train))
 
 
 _STEP_CACHE: dict = {}
@@ -309,7 +316,7 @@ def _training_objects(cfg: TrainConfig):
 
 
 def _solve_objects(cfg: TrainConfig):
-    from .cli import options
+    from . import options
     from ._gradients import Autodiff, Backsolve, Explicit
 
     sc = cfg.solver
@@ -328,7 +335,7 @@ def _solve_objects(cfg: TrainConfig):
 
 def build_run(cfg: TrainConfig) -> Run:
     """Build the initial heads, the task data and the training objects of `cfg` (deterministic)."""
-    from .cli import options
+    from . import options
     from .config import heads_from_config
 
     dtype = options.dtype_from_name(cfg.dtype)
@@ -488,8 +495,10 @@ def train(cfg: TrainConfig, out, *, resume: bool = False, argv: list[str] | None
     start = int(state.step)
     total = tc.steps
     lr = float(tc.learning_rate)
+    shape = schedule_shape(tc)
     t_wall = time.perf_counter()
     prior_wall = _prior_wall(rd) if resume else 0.0
+    tau = _training_time_at(rd, start, shape) if resume else 0.0
     first_loss = None
     last_ckpt = rd.checkpoints()[-1][0] if rd.checkpoints() else None
     if start == 0:
@@ -513,12 +522,15 @@ def train(cfg: TrainConfig, out, *, resume: bool = False, argv: list[str] | None
                     f"lower train.learning_rate or the head scales")
             if first_loss is None:
                 first_loss = loss
+            step_lr = float(opt_state.hyperparams["learning_rate"])
+            factor = 1.0 if shape is None else float(shape(step))
             wall = prior_wall + time.perf_counter() - t_wall
             if step % tc.log_every == 0 or step == total - 1:
-                rd.append_metrics({"kind": "train", "step": step, "time": _training_time(tc, step),
+                rd.append_metrics({"kind": "train", "step": step, "time": tau,
                                    "loss": loss, "grad_norm": gnorm,
-                                   "lr": float(opt_state.hyperparams["learning_rate"]),
+                                   "lr": step_lr,
                                    "wall_s": round(wall, 4)})
+            tau += step_lr * factor  # training time of the gradient flow after this step
             done = step + 1
             if bar is not None:
                 bar.update(done, loss)
@@ -547,11 +559,20 @@ def train(cfg: TrainConfig, out, *, resume: bool = False, argv: list[str] | None
     return summary
 
 
-def _training_time(tc, step) -> float | None:
-    """Training time t = step · lr of the gradient flow (constant step sizes only, else None)."""
-    if tc.schedule != "constant" or tc.warmup_steps:
-        return None
-    return step * float(tc.learning_rate)
+def _training_time_at(rd: RunDir, start: int, shape) -> float:
+    """Training time τ = Σ_{j<start} lr_j · shape(j) of a run resumed at step `start`.
+
+    Continues from the last logged training row before `start` with that row's learning rate
+    (the rate only changes at a resume), so the `time` column stays right across resumes that
+    change `train.learning_rate`.
+    """
+    rows = [r for r in rd.read_metrics() if r.get("kind") == "train" and r["step"] < start
+            and r.get("time") is not None]
+    if not rows:
+        return 0.0
+    last = max(rows, key=lambda r: r["step"])
+    factors = (1.0 if shape is None else float(shape(j)) for j in range(last["step"], start))
+    return float(last["time"]) + float(last["lr"]) * sum(factors)
 
 
 def _prior_wall(rd: RunDir) -> float:

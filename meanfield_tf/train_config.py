@@ -264,6 +264,13 @@ class TrainConfig:
                 f"task {self.task.name} has tokens in dimension {want} but heads.dim is "
                 f"{self.heads.dim}; set heads.dim={want}"
             )
+        adaptive = self.solver.rtol is not None or self.solver.atol is not None
+        if self.train.gradient == "backsolve" and self.solver.name == "euler" and not adaptive:
+            raise ConfigError(
+                "train.gradient=backsolve with the constant-step euler solver is not the gradient "
+                "of the simulated network; use train.gradient=autodiff or explicit, or an adaptive "
+                "solver (solver.name=tsit5 solver.rtol=1e-6)"
+            )
 
 
 def task_token_dim(task) -> int | None:

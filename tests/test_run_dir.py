@@ -156,3 +156,17 @@ def test_sigkill_then_resume_is_bit_identical(full_run, tmp_path):
         assert np.array_equal(v, _params(b)[k]), k
     for x, y in zip(jax.tree.leaves(a.opt_state), jax.tree.leaves(b.opt_state)):
         assert np.array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_training_time_column_survives_a_learning_rate_change(tmp_path):
+    """`time` is τ = Σ_j lr_j: continuous across a resume that changes the step size."""
+    out = tmp_path / "tau"
+    train(load_train_config(None, TINY + ["train.steps=10"]), out, progress=False)
+    train(load_train_config(None, TINY + ["train.steps=16", "train.learning_rate=0.5"]), out,
+          resume=True, progress=False)
+    rows = [r for r in RunDir(out).read_metrics() if r["kind"] == "train"]
+    taus = {r["step"]: r["time"] for r in rows}
+    for k in range(16):
+        expect = 2.0 * k if k <= 10 else 2.0 * 10 + 0.5 * (k - 10)
+        assert abs(taus[k] - expect) < 1e-12, (k, taus[k], expect)
+    assert [r["lr"] for r in rows] == [2.0] * 10 + [0.5] * 6
