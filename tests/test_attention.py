@@ -54,9 +54,9 @@ def test_dense_matches_numpy(num_pad):
     assert rel_err(got, np_velocity(x, w, A, V)) <= 1e-12
 
 
-@pytest.mark.parametrize("chunk_size", [1, 2, 4, 5, 13, 64])
+@pytest.mark.parametrize("chunk_size", [1, 4, 13, 64])
 def test_chunked_matches_dense_and_numpy(chunk_size):
-    # n = 13 is prime: every chunk size but 1, 13 and 64 leaves a ragged (padded) last chunk.
+    # n = 13 is prime: chunk size 4 leaves a ragged (padded) last chunk; 64 > n is one chunk.
     rng = np.random.default_rng(1)
     x, w, A, V = random_sequence(rng, 13, 3, 4, num_pad=5, scale_A=2.0)
     dense = mf.DenseKernel()(x, w, A, V)

@@ -95,8 +95,9 @@ def test_sampled_tokens_converge_to_the_moment_flow():
     x = rng.multivariate_normal(mean, cov, size=(len(ns) * seeds, slots))
     n_of_row = np.repeat(ns, seeds)
     w = (np.arange(slots) < n_of_row[:, None]) / n_of_row[:, None]
-    # Tsit5 with 2 steps per layer: discretisation error ~1e-5, far below the sampling error
-    sol = mf.flow(heads, mf.TokenBatch(jnp.asarray(x), jnp.asarray(w)), solver=diffrax.Tsit5(),
+    # Bosh3 with 2 steps per layer (3 stages, half the work of Tsit5): on the moment ODE its
+    # discretisation error is ~1e-4, far below the sampling error (> 0.05) at every n here
+    sol = mf.flow(heads, mf.TokenBatch(jnp.asarray(x), jnp.asarray(w)), solver=diffrax.Bosh3(),
                   stepping=mf.FixedSteps(2), kernel=mf.ChunkedKernel(128))
     x1 = np.asarray(sol.x)
     rms = []

@@ -168,15 +168,16 @@ def test_linear_heads_at_depth_interpolate_nodes():
 
 
 def test_gaussian_heads_scaling_and_symmetric_pairs(getkey):
+    # symmetric_heads draws gaussian_heads for half the heads, then mirrors them as (A, V) and
+    # (A, -V). Entries are N(0, sigma^2 / d) (for factored heads, those of A = Q^T K): 8192
+    # samples give a variance to ~1.6% (1 s.e.).
     d = 8
-    h = mf.gaussian_heads(getkey(), 4, 64, d, scale_A=2.0, scale_V=0.5)
-    # entries N(0, sigma^2 / d); 16384 samples give the variance to ~1.1% (1 s.e.)
-    np.testing.assert_allclose(np.var(np.asarray(h.A)), 4.0 / d, rtol=0.06)
-    np.testing.assert_allclose(np.var(np.asarray(h.V)), 0.25 / d, rtol=0.06)
-    # symmetric heads: gaussian_heads at half the heads (the same shapes as above: no new
-    # compilation), then mirrored as (A, V) and (A, -V); factored A = Q^T K keeps entry variance
-    s = mf.symmetric_heads(getkey(), 4, 128, d, scale_A=2.0, rank=4)
-    np.testing.assert_allclose(np.var(np.asarray(s.A)), 4.0 / d, rtol=0.1)
-    for k, v in s.params.items():
-        v = np.asarray(v)
-        np.testing.assert_array_equal(v[:, 64:], -v[:, :64] if k == "V" else v[:, :64])
+    s = mf.symmetric_heads(getkey(), 2, 128, d, scale_A=2.0, scale_V=0.5)
+    np.testing.assert_allclose(np.var(np.asarray(s.A)), 4.0 / d, rtol=0.08)
+    np.testing.assert_allclose(np.var(np.asarray(s.V)), 0.25 / d, rtol=0.08)
+    f = mf.symmetric_heads(getkey(), 2, 128, d, scale_A=2.0, rank=4)
+    np.testing.assert_allclose(np.var(np.asarray(f.A)), 4.0 / d, rtol=0.15)
+    for h in (s, f):
+        for k, v in h.params.items():
+            v = np.asarray(v)
+            np.testing.assert_array_equal(v[:, 64:], -v[:, :64] if k == "V" else v[:, :64])
