@@ -2,8 +2,8 @@
 
 - Euler with `FixedSteps(k)` against an independent plain-NumPy loop of the finite transformer
   X <- X + (1/(kL)) (1/M) sum_m V_m sum_j softmax_j(x_i^T A_m x_j + log w_j) x_j.
-- Observed convergence orders (one solver per order; piecewise and linear heads) as the step shrinks,
-  and adaptive steps against a fine reference.
+- Observed convergence orders (one solver per order; piecewise and linear heads) as the step
+  shrinks, and adaptive steps against a fine reference.
 - Structure: permutation equivariance, padding invariance, the symmetric zero-velocity init, depth
   saving.
 
@@ -43,7 +43,7 @@ def np_velocity(x, w, A, V):
 
 
 def np_transformer(x, w, A, V, *, steps_per_layer=1, linear=False):
-    """States at every layer edge, shape (L + 1, B, n, d), of k Euler steps of size 1/(kL) per layer.
+    """States at every layer edge, shape (L + 1, B, n, d): k Euler steps of size 1/(kL) per layer.
 
     Piecewise heads: `A, V` are (L, M, d, d). Linear heads: (L + 1, M, d, d) nodes, and the step
     starting at u = j/k inside layer l uses (1 - u) theta_l + u theta_{l+1}.
@@ -67,7 +67,7 @@ def np_transformer(x, w, A, V, *, steps_per_layer=1, linear=False):
 
 
 def random_tokens(rng, b=B, n=N, d=D, *, num_pad=2, scale=1.0):
-    """Gaussian tokens, non-uniform weights, `num_pad` zero weights per sequence at random places."""
+    """Gaussian tokens, non-uniform weights, `num_pad` zero weights per sequence at random spots."""
     x = scale * rng.normal(size=(b, n, d))
     w = rng.uniform(0.2, 1.0, size=(b, n))
     for row in w:
@@ -281,8 +281,9 @@ def test_observed_order_of_convergence(name, interpolation):
     scale = 1.5 if (order == 5 and interpolation == "piecewise") else 1.0
     tokens, heads, ref = order_problem(interpolation, scale)
     ks = [1, 2, 4, 8]
-    errs = np.array([rel_err(mf.flow(heads, tokens, solver=solver, stepping=mf.FixedSteps(k)).x, ref)
-                     for k in ks])
+    errs = np.array([
+        rel_err(mf.flow(heads, tokens, solver=solver, stepping=mf.FixedSteps(k)).x, ref)
+        for k in ks])
     observed = np.log2(errs[:-1] / errs[1:])
     print(name, interpolation, errs, observed)
     assert errs[-1] > 1e-12  # well above float64 rounding (~1e-15): the slope is meaningful
