@@ -55,8 +55,9 @@ def gaussian_flow(
 ) -> GaussianFlowSolution:
     """Solve the exact moment ODE of a Gaussian token measure through `heads`.
 
-    The default (Tsit5, 8 steps per layer) is accurate to about 1e-10 for moderate heads; use
-    `AdaptiveSteps` for a controlled error. Note that Euler with one step per layer is **not** the
+    The default (Tsit5, 8 steps per layer) reaches about 1e-9 relative on moderate heads (4e-9
+    measured where the covariance grows threefold per layer); use `AdaptiveSteps` for a
+    controlled error. Note that Euler with one step per layer is **not** the
     finite transformer's Gaussian limit (that would need the discrete map); this solves the
     continuous-depth ODE.
     """
