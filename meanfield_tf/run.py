@@ -18,6 +18,15 @@ A run directory holds
 Everything a run computes is a function of the config: the initial heads and the task data are
 rebuilt from the seed, and the batch of step k depends only on the PRNG key and k, so a run
 resumed from a checkpoint ends bit-identical (on CPU) to an uninterrupted one.
+
+**Several processes** (multi-host; the `distributed:` section or the `MEANFIELD_TF_*` environment,
+see `meanfield_tf.distributed`): `train` first joins the processes into one JAX runtime, so the
+`mesh:` spans every process's devices. Every process builds the same heads, task and batches (they
+are functions of the config, the key and the step), runs the same steps and evaluations (they are
+collectives), and gathers the state for a checkpoint (`gather_to_host`); only process 0 writes the
+run directory, and the others wait at a barrier after each checkpoint. A resume reads the
+checkpoint on every process (the run directory must be on a file system they all see) and
+re-shards it on the current mesh.
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ import yaml
 
 from ._errors import ConfigError, InputError
 from ._heads import HeadMeasure
+from ._sharding import gather_to_host  # checkpoints: the state on the host, all processes
 from ._training import (
     MeanFieldGradient,
     TrainingDiverged,
@@ -121,6 +131,9 @@ class RunDir:
         return self.path / FIGURE_DIR
 
     def write_config(self, cfg: TrainConfig) -> None:
+        # the process id is per process (the writer's would be wrong for the others on resume)
+        cfg = dataclasses.replace(cfg, distributed=dataclasses.replace(cfg.distributed,
+                                                                       process_id=None))
         text = yaml.safe_dump(train_config_to_dict(cfg), sort_keys=False).encode()
         _atomic_write(self.config_path, lambda f: f.write(text))
 
@@ -202,7 +215,7 @@ def _git_commit() -> str | None:
 
 
 def manifest(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
-    """Versions, devices, seed, git commit and command line of a run."""
+    """Versions, devices (all processes), process count, seed, git commit and command line."""
     from importlib import metadata
 
     versions = {}
@@ -216,6 +229,9 @@ def manifest(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
         "versions": versions,
         "python": platform.python_version(),
         "devices": [str(d) for d in jax.devices()],
+        "processes": jax.process_count(),
+        "coordinator": (cfg.distributed.resolve().coordinator_address
+                        if jax.process_count() > 1 else None),
         "backend": jax.default_backend(),
         "x64": bool(jax.config.jax_enable_x64),
         "seed": cfg.seed,
@@ -467,7 +483,15 @@ def train(cfg: TrainConfig, out, *, resume: bool = False, argv: list[str] | None
     **Returns:** a summary dict (final step, loss, first loss, evaluation metrics, paths). Raises
     `TrainingDiverged` if the loss or the parameters become non-finite: the run stops, the last
     good checkpoint stays as it was.
+
+    With several processes (`cfg.distributed` or the `MEANFIELD_TF_*` environment), call it on
+    every process with the same arguments, before anything else touches a JAX device: it joins
+    the processes first; only process 0 writes `out` (see the module docstring).
     """
+    from .distributed import initialize_distributed
+
+    initialize_distributed(cfg.distributed)  # before the first device query (no-op: one process)
+    main = jax.process_index() == 0  # the only process that writes the run directory
     stream = stream or sys.stdout
     rd = RunDir(out)
     run = build_run(cfg)
@@ -475,18 +499,23 @@ def train(cfg: TrainConfig, out, *, resume: bool = False, argv: list[str] | None
     tc = cfg.train
     state = run.initial_state()
     if resume:
-        state = rd.load_checkpoint(state)
+        state = rd.load_checkpoint(state)  # on every process
         state = eqx.tree_at(lambda s: s.opt_state, state,
                             set_learning_rate(state.opt_state, tc.learning_rate))
-        rd.truncate_metrics(int(state.step))
-        rd.write_config(cfg)
+        if main:
+            rd.truncate_metrics(int(state.step))
+            rd.write_config(cfg)
     else:
-        rd.path.mkdir(parents=True, exist_ok=True)
-        if rd.checkpoints() or rd.metrics_path.exists():
+        taken = False
+        if main:
+            rd.path.mkdir(parents=True, exist_ok=True)
+            taken = bool(rd.checkpoints() or rd.metrics_path.exists())
+        if _agree(taken):  # process 0's verdict, so that every process stops together
             raise InputError(f"run directory {str(rd.path)!r} already holds a run; resume it with "
                              f"`meanfield-tf resume {rd.path}` or choose another --out")
-        rd.write_config(cfg)
-        rd.write_manifest(cfg, argv)
+        if main:
+            rd.write_config(cfg)
+            rd.write_manifest(cfg, argv)
     step_fn = run.step
     traces_before = step_fn.num_traces()
     heads, opt_state, key = state.heads, state.opt_state, state.key
@@ -497,14 +526,15 @@ def train(cfg: TrainConfig, out, *, resume: bool = False, argv: list[str] | None
     lr = float(tc.learning_rate)
     shape = schedule_shape(tc)
     t_wall = time.perf_counter()
-    prior_wall = _prior_wall(rd) if resume else 0.0
-    tau = _training_time_at(rd, start, shape) if resume else 0.0
+    prior_wall = _prior_wall(rd) if resume and main else 0.0
+    tau = _training_time_at(rd, start, shape) if resume and main else 0.0
     first_loss = None
     last_ckpt = rd.checkpoints()[-1][0] if rd.checkpoints() else None
     if start == 0:
         row = {"kind": "eval", "step": 0, **evaluate(run, heads), "wall_s": 0.0}
-        rd.append_metrics(row)
-    bar = _Progress(start, total, stream=sys.stderr) if progress else None
+        if main:
+            rd.append_metrics(row)
+    bar = _Progress(start, total, stream=sys.stderr) if progress and main else None
     info = None
     try:
         for step in range(start, total):
@@ -525,7 +555,7 @@ def train(cfg: TrainConfig, out, *, resume: bool = False, argv: list[str] | None
             step_lr = float(opt_state.hyperparams["learning_rate"])
             factor = 1.0 if shape is None else float(shape(step))
             wall = prior_wall + time.perf_counter() - t_wall
-            if step % tc.log_every == 0 or step == total - 1:
+            if main and (step % tc.log_every == 0 or step == total - 1):
                 rd.append_metrics({"kind": "train", "step": step, "time": tau,
                                    "loss": loss, "grad_norm": gnorm,
                                    "lr": step_lr,
@@ -535,27 +565,36 @@ def train(cfg: TrainConfig, out, *, resume: bool = False, argv: list[str] | None
             if bar is not None:
                 bar.update(done, loss)
             if done % tc.eval_every == 0 or done == total:
-                rd.append_metrics({"kind": "eval", "step": done, **evaluate(run, heads),
-                                   "wall_s": round(prior_wall + time.perf_counter() - t_wall, 4)})
+                row = {"kind": "eval", "step": done, **evaluate(run, heads)}  # every process
+                if main:
+                    rd.append_metrics({**row, "wall_s": round(
+                        prior_wall + time.perf_counter() - t_wall, 4)})
             if done % tc.checkpoint_every == 0 or done == total:
-                if not all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(heads.params)):
+                # the whole state on every host (a collective when it spans several processes)
+                host = gather_to_host(TrainState(jnp.asarray(done, state.step.dtype), heads,
+                                                 opt_state, key))
+                if not all(np.all(np.isfinite(a)) for a in jax.tree.leaves(host.heads.params)):
                     raise TrainingDiverged(
                         f"the head parameters became non-finite at step {done}; the last good "
                         f"checkpoint (step {last_ckpt}) is in {rd.checkpoint_dir}; lower "
                         f"train.learning_rate")
-                rd.save_checkpoint(TrainState(jnp.asarray(done, state.step.dtype), heads, opt_state,
-                                              key), tc.keep_checkpoints)
+                if main:
+                    rd.save_checkpoint(host, tc.keep_checkpoints)
+                _barrier(f"checkpoint {done}")  # no process runs ahead of the written checkpoint
                 last_ckpt = done
     finally:
         if bar is not None:
             bar.close()
-    summary = summarize(rd)
-    summary["traces"] = step_fn.num_traces() - traces_before  # compilations during this run
+    traces = step_fn.num_traces() - traces_before  # compilations during this run
+    final_heads = gather_to_host(heads)  # every process (a collective)
     try:
-        if figures:
-            write_figures(rd, run, heads)
+        if figures and main:
+            write_figures(rd, run, final_heads)
     except Exception as err:  # figures must never lose a finished run
         print(f"warning: could not draw the figures ({type(err).__name__}: {err})", file=sys.stderr)
+    _barrier("end")  # the run directory is complete before any process returns
+    summary = summarize(rd)
+    summary["traces"] = traces
     return summary
 
 
@@ -652,6 +691,27 @@ def write_figures(rd: RunDir, run: Run, heads: HeadMeasure) -> list[Path]:
             rd.figure_dir / f"tokens_{name}.png", xs, tokens.w, s,
             title=f"token trajectories, {name} heads"))
     return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# Several processes (the `distributed:` section; see meanfield_tf.distributed, docs/scaling.md)
+
+
+def _barrier(name: str) -> None:
+    """Wait until every process gets here (nothing to wait for with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"meanfield_tf.run: {name}")
+
+
+def _agree(flag: bool) -> bool:
+    """Process 0's `flag`, on every process (a collective with several processes)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag, np.int32)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,7 +6,9 @@ A training config has the sections
   (`teacher_student`, `in_context_regression`, `digits`, `distribution_matching`);
 - `heads`, `solver`: the initial head measure and the depth solver (shared with `simulate`);
 - `train`: the gradient flow (steps, learning rate, optimiser, schedule) and the run's cadence
-  (logging, evaluation, checkpoints).
+  (logging, evaluation, checkpoints);
+- `mesh`, `distributed` (optional): sharding over devices, and how this process joins a
+  multi-process (multi-host) run (see `docs/scaling.md`).
 
 Unknown keys, wrong types and bad values raise a one-line `ConfigError` before anything runs.
 """
@@ -19,6 +21,7 @@ from typing import Any, Optional
 
 from ._errors import ConfigError
 from ._sharding import MeshConfig  # the `mesh:` section (devices for heads x data)
+from .distributed import DistributedConfig  # the `distributed:` section (multi-host runs)
 from .config import (
     HeadsConfig,
     SolverConfig,
@@ -252,6 +255,8 @@ class TrainConfig:
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
     # sharding over devices: `mesh: {heads: H, data: D}` (see meanfield_tf._sharding, docs/scaling.md)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    # joining a multi-process run (jax.distributed; see meanfield_tf.distributed, docs/scaling.md)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
     def __post_init__(self):
         if isinstance(self.task, dict):

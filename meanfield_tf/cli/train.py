@@ -27,6 +27,10 @@ def register(sub) -> None:
     p.add_argument("--out", default=None,
                    help="run directory (default: runs/<config name>-<timestamp>/)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.epilog = ("Several processes (hosts): start the same command on each, with "
+                "MEANFIELD_TF_COORDINATOR_ADDRESS=host:port, MEANFIELD_TF_NUM_PROCESSES=N and "
+                "MEANFIELD_TF_PROCESS_ID=i (or distributed.* overrides) and a mesh over all their "
+                "devices; process 0 writes the run directory (see docs/scaling.md).")
     p.set_defaults(func=run_train)
 
     r = sub.add_parser(
@@ -79,12 +83,24 @@ def _report(summary: dict, out=None) -> None:
     print(f"run directory: {summary['run_dir']}", file=out)
 
 
+def _join(cfg) -> bool:
+    """Join the multi-process run of `cfg.distributed` / the MEANFIELD_TF_* environment (if any)
+    before anything touches a device; True on the process that reports (process 0)."""
+    from ..distributed import initialize_distributed
+
+    return initialize_distributed(cfg.distributed).is_main
+
+
 def run_train(args: argparse.Namespace) -> int:
     from ..run import train
     from ..train_config import load_train_config
 
     cfg = load_train_config(args.config, args.overrides)
+    main = _join(cfg)
     out = Path(args.out) if args.out else _default_out(cfg.name)
+    if not main:  # several processes: process 0 reports and writes the run directory
+        train(cfg, out, argv=sys.argv, progress=False)
+        return 0
     print(f"training {cfg.name} ({cfg.task.name}, L={cfg.heads.layers} x M={cfg.heads.heads} heads, "
           f"d={cfg.heads.dim}, {cfg.train.steps} steps of {cfg.train.optimizer} "
           f"lr={cfg.train.learning_rate}, {cfg.dtype}) -> {out}", flush=True)
@@ -102,6 +118,9 @@ def run_resume(args: argparse.Namespace) -> int:
     cfg = rd.read_config()
     if args.overrides:
         cfg = train_config_from_dict(apply_overrides(train_config_to_dict(cfg), args.overrides))
+    if not _join(cfg):  # several processes: process 0 reports and writes the run directory
+        train(cfg, rd.path, resume=True, argv=sys.argv, progress=False)
+        return 0
     ckpts = rd.checkpoints()
     at = ckpts[-1][0] if ckpts else 0
     print(f"resuming {rd.path} from step {at} to {cfg.train.steps}", flush=True)
