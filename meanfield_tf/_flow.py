@@ -17,7 +17,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from ._attention import AttentionKernel, DenseKernel, attention_velocity
-from ._depth import AdaptiveSteps, CellArgs, FixedSteps, Stepping, integrate_depth
+from ._depth import CellArgs, FixedSteps, Stepping, integrate_depth
 from ._errors import InputError, concrete_or_none
 from ._heads import HeadMeasure, merged_query_key
 from ._tokens import TokenBatch

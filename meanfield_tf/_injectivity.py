@@ -79,7 +79,7 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._errors import InputError
-from ._heads import HeadMeasure, symmetric_heads
+from ._heads import symmetric_heads
 from ._ntk import ReadoutQuery, ntk_jacobian
 from ._tokens import Discrete, Family, TokenBatch, sample_tokens
 

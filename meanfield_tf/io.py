@@ -72,14 +72,15 @@ def load_array(path, key: str, what: str, shape: tuple, dtype) -> jnp.ndarray:
     return jnp.asarray(arr, dtype)
 
 
-def save_npz_atomic(path, **arrays) -> None:
-    """Write an `.npz` atomically: a temporary file in the same directory, then a rename."""
+def atomic_write(path, write) -> None:
+    """Write through `write(file)` into a temporary file beside `path`, fsync it, then rename it
+    over `path`: readers see the old file or the new one, never a partial one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **{k: np.asarray(v) for k, v in arrays.items()})
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -87,3 +88,8 @@ def save_npz_atomic(path, **arrays) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def save_npz_atomic(path, **arrays) -> None:
+    """Write an `.npz` atomically (see `atomic_write`)."""
+    atomic_write(path, lambda fh: np.savez(fh, **{k: np.asarray(v) for k, v in arrays.items()}))

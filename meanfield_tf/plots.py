@@ -19,6 +19,16 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path) -> Path:
+    """Lay out, write `fig` as a PNG at `path` (creating its folder), and close it."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_trajectories(path, xs, w=None, s=None, *, max_sequences: int = 4, max_tokens: int = 96,
                       title: str = "") -> Path:
     """Token trajectories in the plane of the first two coordinates.
@@ -47,12 +57,7 @@ def plot_trajectories(path, xs, w=None, s=None, *, max_sequences: int = 4, max_t
     axes[0][0].legend(loc="best", fontsize=8)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_loss(path, steps, losses, *, eval_steps=None, test_accuracy=None, w2=None,
@@ -91,12 +96,7 @@ def plot_loss(path, steps, losses, *, eval_steps=None, test_accuracy=None, w2=No
         ax2.set_title("distance travelled" + (" and test accuracy" if acc else ""))
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_particles(path, theta0, theta1, *, title: str = "") -> Path:
@@ -121,9 +121,4 @@ def plot_particles(path, theta0, theta1, *, title: str = "") -> Path:
     ax.set_ylabel("principal axis 2")
     ax.legend(loc="best", fontsize=8)
     ax.set_title(title or "head particles")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)

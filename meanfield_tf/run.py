@@ -34,11 +34,9 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -51,6 +49,7 @@ import yaml
 
 from ._errors import ConfigError, InputError
 from ._heads import HeadMeasure
+from .io import atomic_write
 from ._sharding import gather_to_host  # checkpoints: the state on the host, all processes
 from ._training import (
     MeanFieldGradient,
@@ -79,22 +78,6 @@ FIGURE_DIR = "figures"
 
 # ---------------------------------------------------------------------------------------------
 # The run directory
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through `write(file)` into a temporary file beside `path`, then rename it over."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class TrainState(eqx.Module):
@@ -135,7 +118,7 @@ class RunDir:
         cfg = dataclasses.replace(cfg, distributed=dataclasses.replace(cfg.distributed,
                                                                        process_id=None))
         text = yaml.safe_dump(train_config_to_dict(cfg), sort_keys=False).encode()
-        _atomic_write(self.config_path, lambda f: f.write(text))
+        atomic_write(self.config_path, lambda f: f.write(text))
 
     def read_config(self) -> TrainConfig:
         if not self.config_path.exists():
@@ -146,7 +129,7 @@ class RunDir:
 
     def write_manifest(self, cfg: TrainConfig, argv: list[str] | None = None) -> None:
         text = json.dumps(manifest(cfg, argv), indent=2).encode()
-        _atomic_write(self.path / MANIFEST_FILE, lambda f: f.write(text))
+        atomic_write(self.path / MANIFEST_FILE, lambda f: f.write(text))
 
     # -- metrics ------------------------------------------------------------------------------
     def append_metrics(self, row: dict) -> None:
@@ -170,7 +153,7 @@ class RunDir:
         keep = [r for r in self.read_metrics()
                 if (r["step"] < step if r.get("kind") == "train" else r["step"] <= step)]
         text = "".join(json.dumps(r) + "\n" for r in keep).encode()
-        _atomic_write(self.metrics_path, lambda f: f.write(text))
+        atomic_write(self.metrics_path, lambda f: f.write(text))
 
     # -- checkpoints --------------------------------------------------------------------------
     def checkpoints(self) -> list[tuple[int, Path]]:
@@ -188,7 +171,7 @@ class RunDir:
     def save_checkpoint(self, state: TrainState, keep: int) -> Path:
         step = int(state.step)
         path = self.checkpoint_dir / f"step_{step:08d}.eqx"
-        _atomic_write(path, lambda f: eqx.tree_serialise_leaves(f, state))
+        atomic_write(path, lambda f: eqx.tree_serialise_leaves(f, state))
         for _, old in self.checkpoints()[:-keep]:
             old.unlink(missing_ok=True)
         return path
@@ -523,7 +506,6 @@ def train(cfg: TrainConfig, out, *, resume: bool = False, argv: list[str] | None
         heads, opt_state = _shard_run_state(heads, opt_state, mesh)
     start = int(state.step)
     total = tc.steps
-    lr = float(tc.learning_rate)
     shape = schedule_shape(tc)
     t_wall = time.perf_counter()
     prior_wall = _prior_wall(rd) if resume and main else 0.0
@@ -656,7 +638,7 @@ def evaluate_run(path) -> dict[str, Any]:
     out = {"step": step, "train_loss": float(info.loss), "grad_norm": float(info.grad_norm),
            **evaluate(run, state.heads)}
     text = json.dumps(out, indent=2).encode()
-    _atomic_write(rd.path / "eval.json", lambda f: f.write(text))
+    atomic_write(rd.path / "eval.json", lambda f: f.write(text))
     return out
 
 
