@@ -36,3 +36,27 @@ def getkey():
         return sub
 
     return _next
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now (for a jax.distributed coordinator)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_process_env(pid: int, port: int, devices_per_process: int = 2) -> dict:
+    """The environment of process `pid` of a two-process CPU run on localhost."""
+    import os
+
+    env = dict(os.environ)
+    env.update({
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}",
+        "JAX_PLATFORMS": "cpu",
+        "MEANFIELD_TF_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+        "MEANFIELD_TF_NUM_PROCESSES": "2",
+        "MEANFIELD_TF_PROCESS_ID": str(pid),
+    })
+    return env

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import socket
 import subprocess
 import sys
 
 import pytest
+from conftest import free_port, two_process_env
 
 import meanfield_tf as mf
 from meanfield_tf.distributed import DistributedConfig, initialize_distributed
@@ -28,26 +27,13 @@ from meanfield_tf.distributed import DistributedConfig, initialize_distributed
 RTOL = 1e-12
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist") / "result.json"
-    port = _free_port()
+    port = free_port()
     procs = []
     for pid in range(2):
-        env = dict(os.environ)
-        env.update({
-            "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-            "JAX_PLATFORMS": "cpu",
-            "MEANFIELD_TF_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
-            "MEANFIELD_TF_NUM_PROCESSES": "2",
-            "MEANFIELD_TF_PROCESS_ID": str(pid),
-        })
+        env = two_process_env(pid, port)
         procs.append(subprocess.Popen([sys.executable, __file__, str(out)], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     logs = []

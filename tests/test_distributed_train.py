@@ -18,13 +18,12 @@ final parameters agree to 1e-12 relative.
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from conftest import free_port, two_process_env
 
 from meanfield_tf.cli import main
 from meanfield_tf.run import RunDir, load_run
@@ -37,25 +36,12 @@ CONFIG = ["dtype=float64", "heads.layers=2", "heads.heads=8", "task.tokens.n=6",
 MESH = ["mesh.heads=2", "mesh.data=2"]  # the head axis crosses the process boundary
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(args: list[str], cwds: list) -> list[subprocess.Popen]:
     """The command `python -m meanfield_tf ARGS` on two processes, one per working directory."""
-    port = _free_port()
+    port = free_port()
     procs = []
     for pid, cwd in enumerate(cwds):
-        env = dict(os.environ)
-        env.update({
-            "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-            "JAX_PLATFORMS": "cpu",
-            "MEANFIELD_TF_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
-            "MEANFIELD_TF_NUM_PROCESSES": "2",
-            "MEANFIELD_TF_PROCESS_ID": str(pid),
-        })
+        env = two_process_env(pid, port)
         procs.append(subprocess.Popen([sys.executable, "-m", "meanfield_tf", *args], cwd=cwd,
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True))
