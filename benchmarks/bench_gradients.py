@@ -75,8 +75,8 @@ def main(argv=None) -> int:
 
                 def fn(params, method=method, stepping=stepping, solver=solver):
                     h = mf.HeadMeasure(**params, check=False)
-                    return mf.risk_and_gradient(h, tokens, risk, method=method, solver=solver,
-                                                stepping=stepping)
+                    return mf.risk_and_gradient(h, tokens, risk, method=method,
+                                                solver=mf.DepthSolver(solver, stepping))
 
                 seconds, peak = _measure(fn, heads.params, args.repeats)
                 rows.append({"solver": solver_name, "method": name, "steps": L * k,

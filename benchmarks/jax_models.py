@@ -34,7 +34,7 @@ class Ours:
     def forward(self, A, V, x, w):
         heads = mf.HeadMeasure(A=A, V=V, check=False)
         tokens = mf.TokenBatch(x, w, check=False)
-        return mf.flow(heads, tokens, kernel=self.kernel).x
+        return mf.flow(heads, tokens, mf.DepthSolver(kernel=self.kernel)).x
 
     def loss_and_grad(self, A, V, x, w):
         return jax.value_and_grad(lambda A, V: _loss(self.forward(A, V, x, w)), argnums=(0, 1))(A, V)

@@ -1,27 +1,19 @@
 """meanfield_tf: infinitely deep and wide transformers in the mean-field regime, in JAX.
 
 Token measures flow through a continuous-depth neural ODE whose velocity is an average over a
-measure of attention heads held as particles. See the README and DESIGN notes for the maths.
+measure of attention heads held as particles. This module is the public face of the numerics;
+`meanfield_tf.workflow` turns YAML configs into runs, and `meanfield_tf.cli` is the command line.
+See the README and `docs/` for the maths.
 """
 
 from ._adjoint import adjoint_velocity as adjoint_velocity
 from ._adjoint import gradient_field as gradient_field
-from ._gradients import AdjointSolution as AdjointSolution
-from ._gradients import Autodiff as Autodiff
-from ._gradients import Backsolve as Backsolve
-from ._gradients import Explicit as Explicit
-from ._gradients import GradientMethod as GradientMethod
-from ._gradients import explicit_adjoint as explicit_adjoint
-from ._gradients import risk_and_gradient as risk_and_gradient
-from ._risks import AbstractRisk as AbstractRisk
-from ._risks import QueryClassification as QueryClassification
-from ._risks import QueryRegression as QueryRegression
-from ._risks import SinkhornRisk as SinkhornRisk
-from ._risks import TokenRegression as TokenRegression
-from ._attention import AttentionKernel as AttentionKernel
+from ._attention import AbstractKernel as AbstractKernel
 from ._attention import ChunkedKernel as ChunkedKernel
 from ._attention import DenseKernel as DenseKernel
 from ._attention import attention_velocity as attention_velocity
+from ._dependence import DependenceTest as DependenceTest
+from ._depth import AbstractStepping as AbstractStepping
 from ._depth import AdaptiveSteps as AdaptiveSteps
 from ._depth import FixedSteps as FixedSteps
 from ._depth import integrate_depth as integrate_depth
@@ -29,17 +21,24 @@ from ._errors import ConfigError as ConfigError
 from ._errors import InputError as InputError
 from ._errors import MeanFieldError as MeanFieldError
 from ._errors import SolverError as SolverError
+from ._explicit import AdjointSolution as AdjointSolution
+from ._explicit import Explicit as Explicit
+from ._explicit import explicit_adjoint as explicit_adjoint
 from ._flow import AttentionField as AttentionField
 from ._flow import FlowSolution as FlowSolution
 from ._flow import check_converged as check_converged
 from ._flow import flow as flow
 from ._gaussian import GaussianFlowSolution as GaussianFlowSolution
 from ._gaussian import gaussian_flow as gaussian_flow
+from ._gradients import AbstractGradientMethod as AbstractGradientMethod
+from ._gradients import Autodiff as Autodiff
+from ._gradients import Backsolve as Backsolve
+from ._gradients import risk_and_gradient as risk_and_gradient
 from ._heads import HeadMeasure as HeadMeasure
+from ._heads import gaussian_heads as gaussian_heads
+from ._heads import symmetric_heads as symmetric_heads
 from ._injectivity import Certificate as Certificate
-from ._injectivity import DependenceTest as DependenceTest
 from ._injectivity import NTKTest as NTKTest
-from ._injectivity import families_from_tokens as families_from_tokens
 from ._injectivity import hessian_test as hessian_test
 from ._injectivity import injectivity_certificate as injectivity_certificate
 from ._injectivity import lse_test as lse_test
@@ -51,31 +50,20 @@ from ._ntk import TokenOutputs as TokenOutputs
 from ._ntk import ntk_blocks as ntk_blocks
 from ._ntk import ntk_gram as ntk_gram
 from ._ntk import ntk_jacobian as ntk_jacobian
-from ._heads import gaussian_heads as gaussian_heads
-from ._heads import symmetric_heads as symmetric_heads
-from ._tokens import Discrete as Discrete
-from ._tokens import Gaussian as Gaussian
-from ._tokens import GaussianMixture as GaussianMixture
-from ._tokens import TokenBatch as TokenBatch
-from ._tokens import UniformBall as UniformBall
-from ._tokens import UniformBox as UniformBox
-from ._tokens import sample_tokens as sample_tokens
-from ._solvers import ClassicalRK4 as ClassicalRK4
-from ._sharding import MeshConfig as MeshConfig
+from ._risks import AbstractRisk as AbstractRisk
+from ._risks import QueryClassification as QueryClassification
+from ._risks import QueryRegression as QueryRegression
+from ._risks import SinkhornRisk as SinkhornRisk
+from ._risks import TokenRegression as TokenRegression
 from ._sharding import gather_to_host as gather_to_host
 from ._sharding import make_mesh as make_mesh
 from ._sharding import shard_batch as shard_batch
 from ._sharding import shard_heads as shard_heads
 from ._sharding import shard_like_heads as shard_like_heads
 from ._sharding import shard_tokens as shard_tokens
-from ._training import MeanFieldGradient as MeanFieldGradient
-from ._training import StepInfo as StepInfo
-from ._training import TrainingDiverged as TrainingDiverged
-from ._training import conditional_w2 as conditional_w2
-from ._training import gradient_flow_optimizer as gradient_flow_optimizer
-from ._training import make_train_step as make_train_step
-from ._training import particle_norm as particle_norm
-from ._training import set_learning_rate as set_learning_rate
+from ._solvers import ClassicalRK4 as ClassicalRK4
+from ._solvers import DepthSolver as DepthSolver
+from ._tasks import AbstractTask as AbstractTask
 from ._tasks import Batch as Batch
 from ._tasks import Digits as Digits
 from ._tasks import DistributionMatching as DistributionMatching
@@ -84,5 +72,25 @@ from ._tasks import TeacherStudent as TeacherStudent
 from ._tasks import evaluate_batch as evaluate_batch
 from ._tasks import in_context_regression_batch as in_context_regression_batch
 from ._tasks import perturbed_heads as perturbed_heads
+from ._tokens import Discrete as Discrete
+from ._tokens import Gaussian as Gaussian
+from ._tokens import GaussianMixture as GaussianMixture
+from ._tokens import TokenBatch as TokenBatch
+from ._tokens import UniformBall as UniformBall
+from ._tokens import UniformBox as UniformBox
+from ._tokens import families_from_tokens as families_from_tokens
+from ._tokens import sample_tokens as sample_tokens
+from ._training import GradientFlowOptimizer as GradientFlowOptimizer
+from ._training import MeanFieldGradient as MeanFieldGradient
+from ._training import StepInfo as StepInfo
+from ._training import TrainingDiverged as TrainingDiverged
+from ._training import TrainStep as TrainStep
+from ._training import conditional_w2 as conditional_w2
+from ._training import gradient_flow_optimizer as gradient_flow_optimizer
+from ._training import init_optimizer as init_optimizer
+from ._training import make_train_step as make_train_step
+from ._training import particle_norm as particle_norm
+from ._training import set_learning_rate as set_learning_rate
 
 __version__ = "0.1.0"
+

@@ -3,7 +3,7 @@ r"""Closed forms of the adjoint dynamics and of the gradient field $\nabla_\thet
 For one sequence $\mu = \sum_j w_j \delta_{x_j}$ and one head $\theta = (A, V)$, write
 $z = A^\top x$ for a query $x$, $\pi_z$ the tilted (softmax) measure
 $\pi_z(x_j) = w_j e^{\langle z, x_j\rangle} / \sum_i w_i e^{\langle z, x_i\rangle}$, $m(z)$ its mean and
-$C(z)$ its covariance, so that $a_\theta[\mu](x) = V m(z)$. Then (DESIGN.md §2)
+$C(z)$ its covariance, so that $a_\theta[\mu](x) = V m(z)$. Then 
 
 $$D_x a = V C(z) A^\top, \qquad
   \partial a(x_{k'}) / \partial x_k = \pi_{z_{k'}}(x_k)\, V \big[ I + (x_k - m(z_{k'}))\, z_{k'}^\top \big]
@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from ._attention import log_weights
+from ._tokens import log_weights
 from ._heads import merged_query_key
 
 

@@ -6,7 +6,8 @@ $$v(x_i) = \frac{1}{M}\sum_{m=1}^M V_m \sum_j \operatorname{softmax}_j\big(x_i^\
         = \frac{1}{M}\sum_m V_m \nabla \mathrm{LSE}_\mu(A_m^\top x_i).$$
 
 Zero-weight tokens get score $-\infty$: they are exact padding as keys, and still move as queries.
-Two implementations with one interface, `kernel(x, w, A, V) -> v` for one sequence:
+Every kernel is an `AbstractKernel`: `kernel(x, w, A, V) -> v` for one sequence, and
+`kernel.velocity(x, w, A, V)` for a batch. Two implementations:
 
 - `DenseKernel`: materialises the `(M, n, n)` scores; the reference.
 - `ChunkedKernel`: streams over key chunks with an online log-sum-exp (running max and running
@@ -15,10 +16,13 @@ Two implementations with one interface, `kernel(x, w, A, V) -> v` for one sequen
   zero-weight padding. Its gradient is a flash-attention-style custom VJP (`_flash.py`): memory
   linear in `n`, about 2.5 forward passes of flops.
 
-`attention_velocity` applies a kernel to a whole batch (vmapped over sequences).
+`attention_velocity(kernel, ...)` applies a kernel to a whole batch. A new kernel is one subclass
+of `AbstractKernel` (and a name in `meanfield_tf.workflow.build` for the command line).
 """
 
 from __future__ import annotations
+
+import abc
 
 import equinox as eqx
 import jax
@@ -27,10 +31,38 @@ from jaxtyping import Array, Float
 
 from ._errors import InputError
 from ._flash import _forward, flash_attention
-from ._flash import log_weights as log_weights
+from ._tokens import log_weights
 
 
-class DenseKernel(eqx.Module):
+class AbstractKernel(eqx.Module):
+    """An attention kernel: the head-averaged velocity of the tokens of one sequence.
+
+    Subclasses implement `__call__(x (n, d), w (n,), A (M, d, d), V (M, d, d)) -> (n, d)`;
+    `velocity` maps it over a batch of sequences (override it to stream instead of vmap).
+    """
+
+    @abc.abstractmethod
+    def __call__(
+        self,
+        x: Float[Array, "n d"],
+        w: Float[Array, " n"],
+        A: Float[Array, "M d d"],
+        V: Float[Array, "M d d"],
+    ) -> Float[Array, "n d"]:
+        """The velocity $v(x_i)$ of every token of one sequence."""
+
+    def velocity(
+        self,
+        x: Float[Array, "B n d"],
+        w: Float[Array, "B n"],
+        A: Float[Array, "M d d"],
+        V: Float[Array, "M d d"],
+    ) -> Float[Array, "B n d"]:
+        """The velocity of every token of every sequence (vmapped over the `B` sequences)."""
+        return jax.vmap(self, in_axes=(0, 0, None, None))(x, w, A, V)
+
+
+class DenseKernel(AbstractKernel):
     """Dense reference kernel: forms all `(M, n, n)` scores at once."""
 
     def __call__(
@@ -47,7 +79,7 @@ class DenseKernel(eqx.Module):
         return jnp.einsum("mnk,mke->ne", p, xv) / A.shape[0]
 
 
-class ChunkedKernel(eqx.Module):
+class ChunkedKernel(AbstractKernel):
     """Memory-linear kernel: online log-sum-exp over key chunks, with its own backward pass.
 
     **Fields:**
@@ -87,23 +119,18 @@ class ChunkedKernel(eqx.Module):
             return flash_attention(x, w, A, V, self.chunk_size, self.block_rows)
         return _forward(x, w, A, V, self.chunk_size, self.block_rows)[0]
 
-
-AttentionKernel = DenseKernel | ChunkedKernel
+    def velocity(self, x, w, A, V):
+        """Streams over the sequences (`lax.map`, one at a time), so the cache-sized score blocks
+        are not multiplied by `B`: faster on CPU and `B` times less temporary memory."""
+        return jax.lax.map(lambda xw: self(xw[0], xw[1], A, V), (x, w))
 
 
 def attention_velocity(
-    kernel: AttentionKernel,
+    kernel: AbstractKernel,
     x: Float[Array, "B n d"],
     w: Float[Array, "B n"],
     A: Float[Array, "M d d"],
     V: Float[Array, "M d d"],
 ) -> Float[Array, "B n d"]:
-    """Head-averaged attention velocity of every token of every sequence.
-
-    `DenseKernel` is vmapped over the `B` sequences. `ChunkedKernel` streams over them
-    (`lax.map`, one sequence at a time), so its cache-sized score blocks are not multiplied by
-    `B` — faster on CPU and `B` times less temporary memory.
-    """
-    if isinstance(kernel, ChunkedKernel):
-        return jax.lax.map(lambda xw: kernel(xw[0], xw[1], A, V), (x, w))
-    return jax.vmap(kernel, in_axes=(0, 0, None, None))(x, w, A, V)
+    """Head-averaged attention velocity of every token of every sequence: `kernel.velocity`."""
+    return kernel.velocity(x, w, A, V)

@@ -10,25 +10,49 @@ ends) reach the vector field through diffrax's `args`, never a closure. Solving 
 - `diffrax.BacksolveAdjoint` solves each cell's backward adjoint ODE with that cell's own
   parameters.
 
-Stepping is an object: `FixedSteps(k)` takes `k` equal steps per cell; `AdaptiveSteps(rtol, atol)`
-uses a PID controller in every cell (first trial step: the whole cell).
+Stepping is an object (`AbstractStepping`): `FixedSteps(k)` takes `k` equal steps per cell;
+`AdaptiveSteps(rtol, atol)` uses a PID controller in every cell (first trial step: the whole
+cell). Each builds its own diffrax step-size controller, first step and step budget, and
+`solve_cell` is the one place a cell is solved (forwards by `integrate_depth`, backwards by the
+explicit adjoint).
 """
 
 from __future__ import annotations
 
+import abc
 from typing import Callable
 
 import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PyTree
 
 from ._errors import InputError, SolverError
 from ._heads import HeadMeasure, interpolate_cell
 
 
-class FixedSteps(eqx.Module):
+class AbstractStepping(eqx.Module):
+    """How a depth cell is stepped: a diffrax step-size controller, the first step, a budget."""
+
+    @abc.abstractmethod
+    def controller(self) -> diffrax.AbstractStepSizeController:
+        """The diffrax step-size controller of every cell."""
+
+    @abc.abstractmethod
+    def first_step(self, width: Array) -> Array:
+        """The first (or only) step on a cell of the given width (negative: backwards)."""
+
+    @abc.abstractmethod
+    def max_steps(self) -> int:
+        """The step budget of one cell (diffrax's `max_steps`)."""
+
+    def check(self, solver: diffrax.AbstractSolver) -> None:
+        """Raise `InputError` if `solver` cannot be stepped this way (default: any solver can)."""
+
+
+class FixedSteps(AbstractStepping):
     """`steps_per_layer` equal steps in every depth cell (`ConstantStepSize`)."""
 
     steps_per_layer: int = eqx.field(static=True, default=1)
@@ -37,8 +61,17 @@ class FixedSteps(eqx.Module):
         if int(self.steps_per_layer) < 1:
             raise InputError(f"steps_per_layer must be >= 1, got {self.steps_per_layer}")
 
+    def controller(self):
+        return diffrax.ConstantStepSize()
 
-class AdaptiveSteps(eqx.Module):
+    def first_step(self, width):
+        return width / self.steps_per_layer
+
+    def max_steps(self):
+        return self.steps_per_layer + 1
+
+
+class AdaptiveSteps(AbstractStepping):
     """Error-controlled steps (`PIDController(rtol, atol)`) in every depth cell.
 
     `rtol` and `atol` are arrays, so changing them does not recompile.
@@ -56,8 +89,31 @@ class AdaptiveSteps(eqx.Module):
         if bad:
             raise InputError(f"rtol and atol must be > 0, got rtol={self.rtol}, atol={self.atol}")
 
+    def controller(self):
+        return diffrax.PIDController(rtol=self.rtol, atol=self.atol)
 
-Stepping = FixedSteps | AdaptiveSteps
+    def first_step(self, width):
+        return width
+
+    def max_steps(self):
+        return self.max_steps_per_layer
+
+    def check(self, solver):
+        probe = diffrax.ODETerm(lambda t, y, a: y)
+        if not isinstance(solver, diffrax.AbstractAdaptiveSolver) or solver.order(probe) is None:
+            raise InputError(f"{type(solver).__name__} has no error estimate; use FixedSteps")
+
+
+def raise_if_failed(converged) -> None:
+    """Raise `SolverError` (outside `jit`) if any cell's flag in `converged` `(L,)` is False."""
+    ok = np.asarray(converged)
+    if not ok.all():
+        bad = int(np.argmin(ok))
+        raise SolverError(
+            f"the depth solve failed in layer {bad} of {ok.size} (step-size controller hit "
+            f"max_steps or produced non-finite values); raise max_steps_per_layer, loosen "
+            f"rtol/atol, or use FixedSteps"
+        )
 
 
 class DepthSolution(eqx.Module):
@@ -73,20 +129,6 @@ class DepthSolution(eqx.Module):
     y1: PyTree
     num_steps: Int[Array, " L"]
     converged: Bool[Array, " L"]
-
-    def check(self) -> "DepthSolution":
-        """Raise `SolverError` (outside `jit`) if any cell failed; return self otherwise."""
-        import numpy as np
-
-        ok = np.asarray(self.converged)
-        if not ok.all():
-            bad = int(np.argmin(ok))
-            raise SolverError(
-                f"the depth solve failed in layer {bad} of {ok.size} (step-size controller hit "
-                f"max_steps or produced non-finite values); raise max_steps_per_layer, loosen "
-                f"rtol/atol, or use FixedSteps"
-            )
-        return self
 
 
 def cell_edges(num_layers: int, dtype) -> tuple[Array, Array]:
@@ -112,13 +154,42 @@ class CellArgs(eqx.Module):
         return interpolate_cell(self.left, self.right, (s - self.s0) * self.num_layers)
 
 
+def cells(heads: HeadMeasure) -> tuple[PyTree, PyTree | None, Array, Array]:
+    """`(left, right, s0, s1)` of every cell, stacked along a leading `L` axis (for `lax.scan`):
+    the parameters at both ends (`right` is `None` for piecewise-constant heads) and the edges."""
+    s0s, s1s = cell_edges(heads.num_layers, heads.dtype)
+    left, right = heads.cells()
+    return left, None if heads.interpolation == "piecewise" else right, s0s, s1s
+
+
+def solve_cell(
+    term: diffrax.AbstractTerm,
+    solver: diffrax.AbstractSolver,
+    stepping: AbstractStepping,
+    start,
+    end,
+    y,
+    args: CellArgs,
+    *,
+    saveat: diffrax.SaveAt,
+    adjoint: diffrax.AbstractAdjoint = diffrax.RecursiveCheckpointAdjoint(),
+) -> diffrax.Solution:
+    """One cell's `diffeqsolve` from `start` to `end` (backwards when `end < start`), with the
+    stepping's controller, first step and budget; a failure is reported in `result`, not raised."""
+    return diffrax.diffeqsolve(
+        term, solver, start, end, stepping.first_step(end - start), y, args, saveat=saveat,
+        stepsize_controller=stepping.controller(), adjoint=adjoint,
+        max_steps=stepping.max_steps(), throw=False,
+    )
+
+
 def integrate_depth(
     vector_field: Callable,
     y0: PyTree,
     heads: HeadMeasure,
     *,
     solver: diffrax.AbstractSolver,
-    stepping: Stepping,
+    stepping: AbstractStepping,
     extra: PyTree = None,
     depths: Float[Array, " T"] | None = None,
     adjoint: diffrax.AbstractAdjoint = diffrax.RecursiveCheckpointAdjoint(),
@@ -129,35 +200,19 @@ def integrate_depth(
     the given sorted depths in `[0, 1]` (each cell saves the depths clipped into it; the cell that
     contains a depth provides it).
     """
+    stepping.check(solver)
     L = heads.num_layers
-    dtype = heads.dtype
-    s0s, s1s = cell_edges(L, dtype)
-    left, right = heads.cells()
-    piecewise = heads.interpolation == "piecewise"
+    left, right, s0s, s1s = cells(heads)
     term = diffrax.ODETerm(vector_field)
-
-    if isinstance(stepping, FixedSteps):
-        k = stepping.steps_per_layer
-        controller = diffrax.ConstantStepSize()
-        max_steps = k + 1
-    else:
-        k = None
-        controller = diffrax.PIDController(rtol=stepping.rtol, atol=stepping.atol)
-        max_steps = stepping.max_steps_per_layer
-        if not isinstance(solver, diffrax.AbstractAdaptiveSolver) or solver.order(term) is None:
-            raise InputError(f"{type(solver).__name__} has no error estimate; use FixedSteps")
     if depths is not None:
-        depths = jnp.asarray(depths, dtype)
+        depths = jnp.asarray(depths, heads.dtype)
 
     def one_cell(y, cell):
         l_params, r_params, s0, s1 = cell
-        args = CellArgs(l_params, None if piecewise else r_params, s0, L, extra)
-        dt0 = (s1 - s0) / k if k is not None else s1 - s0
+        args = CellArgs(l_params, r_params, s0, L, extra)
         ts = None if depths is None else jnp.clip(depths, s0, s1)
-        sol = diffrax.diffeqsolve(
-            term, solver, s0, s1, dt0, y, args, saveat=diffrax.SaveAt(ts=ts, t1=True),
-            stepsize_controller=controller, adjoint=adjoint, max_steps=max_steps, throw=False,
-        )
+        sol = solve_cell(term, solver, stepping, s0, s1, y, args,
+                         saveat=diffrax.SaveAt(ts=ts, t1=True), adjoint=adjoint)
         y_end = jax.tree.map(lambda a: a[-1], sol.ys)
         saves = None if depths is None else jax.tree.map(lambda a: a[:-1], sol.ys)
         ok = sol.result == diffrax.RESULTS.successful

@@ -39,11 +39,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-
-def log_weights(w: Float[Array, "... n"]) -> Float[Array, "... n"]:
-    """`log w` with `-inf` at `w = 0`, with a finite (zero) gradient there."""
-    pos = w > 0
-    return jnp.where(pos, jnp.log(jnp.where(pos, w, 1)), -jnp.inf)
+from ._tokens import log_weights
 
 
 def _blocks(a: Array, size: int, fill) -> Array:

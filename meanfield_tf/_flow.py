@@ -16,10 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from ._attention import AttentionKernel, DenseKernel, attention_velocity
-from ._depth import CellArgs, FixedSteps, Stepping, integrate_depth
+from ._attention import AbstractKernel, DenseKernel
+from ._depth import CellArgs, integrate_depth, raise_if_failed
 from ._errors import InputError, concrete_or_none
 from ._heads import HeadMeasure, merged_query_key
+from ._solvers import DepthSolver
 from ._tokens import TokenBatch
 
 
@@ -30,11 +31,11 @@ class AttentionField(eqx.Module):
     `extra` holds the token weights `(B, n)`.
     """
 
-    kernel: AttentionKernel = DenseKernel()
+    kernel: AbstractKernel = DenseKernel()
 
     def __call__(self, s, x: Float[Array, "B n d"], args: CellArgs) -> Float[Array, "B n d"]:
         theta = args.params_at(s)
-        return attention_velocity(self.kernel, x, args.extra, merged_query_key(theta), theta["V"])
+        return self.kernel.velocity(x, args.extra, merged_query_key(theta), theta["V"])
 
 
 class FlowSolution(eqx.Module):
@@ -46,6 +47,11 @@ class FlowSolution(eqx.Module):
     xs: Float[Array, "T B n d"]
     num_steps: Int[Array, " L"]
     converged: Bool[Array, " L"]
+
+    def check(self) -> "FlowSolution":
+        """Raise `SolverError` (outside `jit`) if any layer's solve failed; return self."""
+        raise_if_failed(self.converged)
+        return self
 
 
 def check_depths(depths: Float[Array, " T"]) -> None:
@@ -76,10 +82,8 @@ def check_compatible(heads: HeadMeasure, tokens: TokenBatch) -> None:
 def flow(
     heads: HeadMeasure,
     tokens: TokenBatch,
+    solver: DepthSolver = DepthSolver(),
     *,
-    solver: diffrax.AbstractSolver = diffrax.Euler(),
-    stepping: Stepping = FixedSteps(1),
-    kernel: AttentionKernel = DenseKernel(),
     depths: Float[Array, " T"] | None = None,
     adjoint: diffrax.AbstractAdjoint = diffrax.RecursiveCheckpointAdjoint(),
 ) -> FlowSolution:
@@ -89,38 +93,34 @@ def flow(
 
     - `heads`: the head particles (`L` cells × `M` heads).
     - `tokens`: the batch of `B` sequences of `n` tokens in `R^d`.
-    - `solver`: any diffrax ODE solver. Default `Euler()`: the finite transformer.
-    - `stepping`: `FixedSteps(k)` (k steps per layer) or `AdaptiveSteps(rtol, atol)`.
-    - `kernel`: `DenseKernel()` or `ChunkedKernel(chunk_size)`.
+    - `solver`: a `DepthSolver` (ODE method, stepping, kernel). Default: Euler with one step per
+      layer and the dense kernel, i.e. the finite transformer.
     - `depths`: sorted depths in `[0, 1]` to save at; default: every layer edge `l/L`.
     - `adjoint`: how diffrax differentiates the solve (default: checkpointed autodiff).
 
-    **Returns:** a `FlowSolution`. Call `check_converged(sol)` outside `jit` to turn a failed
-    adaptive solve into a `SolverError`.
+    **Returns:** a `FlowSolution`. Call `sol.check()` (or `check_converged(sol)`) outside `jit`
+    to turn a failed adaptive solve into a `SolverError`.
     """
     check_compatible(heads, tokens)
+    if not isinstance(solver, DepthSolver):
+        raise InputError(f"solver must be a DepthSolver(ode, stepping, kernel), got "
+                         f"{type(solver).__name__}")
     if depths is not None:
         depths = jnp.asarray(depths, heads.dtype)
         check_depths(depths)
-    return _flow(heads, tokens, solver, stepping, kernel, depths, adjoint)
+    return _flow(heads, tokens, solver, depths, adjoint)
 
 
 @eqx.filter_jit
-def _flow(heads, tokens, solver, stepping, kernel, depths, adjoint):
+def _flow(heads, tokens, solver, depths, adjoint):
     sol = integrate_depth(
-        AttentionField(kernel), tokens.x, heads, solver=solver, stepping=stepping,
-        extra=tokens.w, depths=depths, adjoint=adjoint,
+        AttentionField(solver.kernel), tokens.x, heads, solver=solver.ode,
+        stepping=solver.stepping, extra=tokens.w, depths=depths, adjoint=adjoint,
     )
     return FlowSolution(x=sol.y1, s=sol.ts, xs=sol.ys, num_steps=sol.num_steps,
                         converged=sol.converged)
 
 
-def check_converged(sol) -> None:
+def check_converged(sol: FlowSolution) -> None:
     """Raise `SolverError` (outside `jit`) if any layer's solve failed."""
-    from ._depth import DepthSolution
-
-    DepthSolution(ts=sol.s, ys=None, y1=None, num_steps=sol.num_steps,
-                  converged=sol.converged).check()
-
-
-
+    raise_if_failed(sol.converged)

@@ -78,79 +78,11 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from ._dependence import DEFAULT_SAFETY, DependenceTest, column_scales, svd_dependence
 from ._errors import InputError
 from ._heads import symmetric_heads
 from ._ntk import ReadoutQuery, ntk_jacobian
-from ._tokens import Discrete, Family, TokenBatch, sample_tokens
-
-DEFAULT_SAFETY = 100.0
-
-
-@dataclasses.dataclass(frozen=True)
-class DependenceTest:
-    """Outcome of one singular-value test on a matrix with one column per sequence.
-
-    - `ratio`: $\\sigma_{\\min}/\\sigma_{\\max}$ (0 when the matrix is zero).
-    - `independent`: `ratio > threshold`.
-    - `threshold`: safety × eps × sqrt(rows).
-    - `null_vector`: `(B,)` the right singular vector of $\\sigma_{\\min}$, as coefficients
-      $c_i$ on the unscaled functions (unit norm, first entry above 1e-6 positive): the
-      (near-)dependence $\\sum_i c_i f_i \\approx 0$; its non-negligible entries name the
-      sequences involved. With `nullity > 1` it is one vector of the null space.
-    - `singular_values`: all singular values, decreasing, `(B,)`.
-    - `nullity`: how many singular values are `<= threshold * sigma_max`.
-    """
-
-    ratio: float
-    independent: bool
-    threshold: float
-    null_vector: np.ndarray
-    singular_values: np.ndarray
-    nullity: int
-
-    def to_dict(self) -> dict:
-        return {
-            "ratio": float(self.ratio),
-            "independent": bool(self.independent),
-            "threshold": float(self.threshold),
-            "null_vector": [float(c) for c in self.null_vector],
-            "singular_values": [float(s) for s in self.singular_values],
-            "nullity": int(self.nullity),
-        }
-
-
-def svd_dependence(columns: Float[Array, "rows B"], *, scales=None,
-                   safety: float = DEFAULT_SAFETY) -> DependenceTest:
-    """Singular-value test on `columns` `(rows, B)`: dependent iff σ_min/σ_max <= threshold.
-
-    `scales` `(B,)` are the positive numbers the columns were divided by (default 1): the
-    reported null vector is mapped back to coefficients on the unscaled columns, so that tests
-    with different scalings report the same dependence.
-    """
-    cols = np.asarray(columns)
-    rows, b = cols.shape
-    if rows < b:
-        raise InputError(
-            f"a dependence test needs at least as many samples as sequences ({rows} < {b}); "
-            f"raise num_samples"
-        )
-    eps = float(np.finfo(cols.dtype).eps)
-    threshold = safety * eps * np.sqrt(rows)
-    _, s, vt = np.linalg.svd(cols, full_matrices=False)
-    smax = s[0]
-    ratio = 0.0 if smax == 0 else float(s[-1] / smax)
-    v = vt[-1] if scales is None else vt[-1] / np.asarray(scales)
-    v = v / np.linalg.norm(v)
-    v = v * np.sign(v[np.argmax(np.abs(v) > 1e-6)])  # first non-negligible entry positive
-    nullity = int(np.sum(s <= threshold * smax)) if smax > 0 else b
-    return DependenceTest(ratio=ratio, independent=bool(ratio > threshold), threshold=threshold,
-                          null_vector=v, singular_values=s, nullity=nullity)
-
-
-def _column_scales(ref) -> np.ndarray:
-    norms = np.linalg.norm(np.asarray(ref), axis=0)
-    return np.where(norms > 0, norms, 1.0)
-
+from ._tokens import Discrete, Family, TokenBatch, discrete_batch, families_from_tokens
 
 def sample_z(key: PRNGKeyArray, num_samples: int, dim: int, scale: float = 1.0,
              dtype=None) -> Float[Array, "S d"]:
@@ -190,7 +122,7 @@ def lse_test(families: Sequence[Family], z: Float[Array, "S d"], *, affine: bool
     _check_families(families)
     cols = np.asarray(lse_columns(families, jnp.asarray(z)))
     z = np.asarray(z)
-    scales = _column_scales(cols)
+    scales = column_scales(cols)
     cols = cols / scales
     basis = np.ones((z.shape[0], 1), z.dtype)
     if affine:
@@ -225,7 +157,7 @@ def hessian_test(families: Sequence[Family], z: Float[Array, "S d"], *,
         cols.append(h.reshape(-1))
         refs.append((h + g[:, :, None] * g[:, None, :]).reshape(-1))
     cols, refs = np.stack(cols, axis=1), np.stack(refs, axis=1)
-    scales = _column_scales(refs)
+    scales = column_scales(refs)
     return svd_dependence(cols / scales, scales=scales, safety=safety)
 
 
@@ -255,17 +187,6 @@ def _readout_one(params, family, e):
 @eqx.filter_jit
 def _readout_jacobian_one(params, family, e):
     return jax.jacrev(_readout_one)(params, family, e)
-
-
-def discrete_batch(families: Sequence[Discrete]) -> TokenBatch:
-    """The empirical sequences as one `TokenBatch`, padded with zero-weight tokens."""
-    n = max(f.atoms.shape[0] for f in families)
-    return sample_tokens(jax.random.PRNGKey(0), families, n)
-
-
-def families_from_tokens(tokens: TokenBatch) -> list[Discrete]:
-    """One `Discrete` measure per sequence of a `TokenBatch` (padding keeps weight 0)."""
-    return [Discrete(tokens.x[i], tokens.w[i]) for i in range(tokens.batch_size)]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,18 +29,16 @@ layer by default: the finite transformer). The Gram is split by parameter block
 
 from __future__ import annotations
 
-import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from ._attention import AttentionKernel, DenseKernel
-from ._depth import FixedSteps, Stepping
 from ._errors import InputError
 from ._flow import check_compatible, flow
 from ._heads import HeadMeasure
+from ._solvers import DepthSolver
 from ._tokens import TokenBatch
 
 
@@ -114,9 +112,7 @@ def ntk_jacobian(
     tokens: TokenBatch,
     *,
     output: Output,
-    solver: diffrax.AbstractSolver = diffrax.Euler(),
-    stepping: Stepping = FixedSteps(1),
-    kernel: AttentionKernel = DenseKernel(),
+    solver: DepthSolver = DepthSolver(),
 ) -> dict[str, Array]:
     """$\\partial Y / \\partial \\theta$ for every parameter block of `heads`.
 
@@ -129,16 +125,16 @@ def ntk_jacobian(
             f"d={tokens.dim}; give e of shape ({tokens.dim},)"
         )
     check_compatible(heads, tokens)
-    return _jacobian(heads, tokens, output, solver, stepping, kernel)
+    return _jacobian(heads, tokens, output, solver)
 
 
 @eqx.filter_jit
-def _jacobian(heads, tokens, output, solver, stepping, kernel):
+def _jacobian(heads, tokens, output, solver):
     prepared = output.prepare(tokens)
 
     def outputs(params):
         h = eqx.tree_at(lambda hh: hh.params, heads, params)
-        sol = flow(h, prepared, solver=solver, stepping=stepping, kernel=kernel)
+        sol = flow(h, prepared, solver)
         return output.select(sol.x)
 
     return jax.jacrev(outputs)(heads.params)
@@ -163,9 +159,7 @@ def ntk_blocks(
     tokens: TokenBatch,
     *,
     output: Output,
-    solver: diffrax.AbstractSolver = diffrax.Euler(),
-    stepping: Stepping = FixedSteps(1),
-    kernel: AttentionKernel = DenseKernel(),
+    solver: DepthSolver = DepthSolver(),
 ) -> dict[str, NTKSpectrum]:
     r"""The NTK Gram matrix by parameter block, in mean-field units.
 
@@ -174,7 +168,8 @@ def ntk_blocks(
     $K^{\mathrm{full}} = \sum_b K^b$.
 
     **Arguments:** `heads`, `tokens` `(B, n, d)`, `output` (`ReadoutQuery(e)` or
-    `TokenOutputs()`), and the `flow` options (`solver`, `stepping`, `kernel`).
+    `TokenOutputs()`), and the `DepthSolver` of the forward pass (default: the finite
+    transformer).
 
     **Returns:** a dict `{block: NTKSpectrum, ..., "full": NTKSpectrum}`; each Gram is
     `(P, P)` with `P = B d` (readout query) or `B n d` (token outputs).
@@ -182,8 +177,7 @@ def ntk_blocks(
     The factor is `heads.num_layers * heads.num_heads` for both depth interpolations (with
     `"linear"` heads the `L + 1` nodes are the parameters, each shared by two cells).
     """
-    jac = ntk_jacobian(heads, tokens, output=output, solver=solver, stepping=stepping,
-                       kernel=kernel)
+    jac = ntk_jacobian(heads, tokens, output=output, solver=solver)
     num_out = int(np.prod(output.select(output.prepare(tokens).x).shape))
     scale = heads.num_layers * heads.num_heads
     flats = {k: _flat(v, num_out) for k, v in jac.items()}
@@ -198,13 +192,10 @@ def ntk_gram(
     *,
     output: Output,
     block: str = "full",
-    solver: diffrax.AbstractSolver = diffrax.Euler(),
-    stepping: Stepping = FixedSteps(1),
-    kernel: AttentionKernel = DenseKernel(),
+    solver: DepthSolver = DepthSolver(),
 ) -> NTKSpectrum:
     """One block of `ntk_blocks`: `block` is a key of `heads.params` or `"full"`."""
     names = (*heads.params, "full")
     if block not in names:
         raise InputError(f"unknown NTK block {block!r}; choose one of {list(names)}")
-    return ntk_blocks(heads, tokens, output=output, solver=solver, stepping=stepping,
-                      kernel=kernel)[block]
+    return ntk_blocks(heads, tokens, output=output, solver=solver)[block]

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from ._errors import InputError, _concrete, check_finite, check_shape, check_weights
+from ._errors import InputError, check_finite, check_shape, check_weights, concrete_or_none
 from ._tokens import TokenBatch
 
 
@@ -51,6 +51,10 @@ class AbstractRisk(eqx.Module):
 
     def __call__(self, x: Float[Array, "B n d"], w: Float[Array, "B n"]) -> Float[Array, ""]:
         return jnp.mean(self.losses(x, w))
+
+    def metrics(self, x: Float[Array, "B n d"], w: Float[Array, "B n"]) -> dict[str, Array]:
+        """Evaluation metrics of final tokens: `loss` (and more where a risk defines them)."""
+        return {"loss": self(x, w)}
 
     def terminal_adjoint(
         self, x: Float[Array, "B n d"], w: Float[Array, "B n"]
@@ -82,7 +86,7 @@ def _check_readout(name: str, P, d_out: int, d: int) -> None:
 
 
 def _check_query(name: str, tokens: TokenBatch) -> None:
-    w = _concrete(tokens.w)
+    w = concrete_or_none(tokens.w)
     if w is not None and (w[:, -1] != 0).any():
         raise InputError(
             f"{name} reads the last token as the readout query, but its weight is not 0; append "
@@ -203,7 +207,7 @@ class QueryClassification(AbstractRisk):
         P = _readout(readout, "query-classification")
         if P is None:
             raise InputError("query classification needs a readout matrix of shape (C, d)")
-        lab = _concrete(labels)
+        lab = concrete_or_none(labels)
         if lab is not None and lab.size and (lab.min() < 0 or lab.max() >= P.shape[0]):
             raise InputError(
                 f"class labels must lie in [0, {P.shape[0]}) (the readout has C={P.shape[0]} "
@@ -212,16 +216,25 @@ class QueryClassification(AbstractRisk):
         self.labels = labels
         self.readout = P
 
-    def _logits(self, x):
+    def logits(self, x: Float[Array, "B n d"]) -> Float[Array, "B C"]:
+        """The class logits $P x^i_e$ of every sequence's readout query."""
         return x[:, -1] @ self.readout.T
 
+    def predictions(self, x: Float[Array, "B n d"]) -> Int[Array, " B"]:
+        """The predicted class of every sequence (argmax of the logits)."""
+        return jnp.argmax(self.logits(x), axis=-1)
+
+    def metrics(self, x, w):
+        """`loss` and `accuracy` (fraction of sequences whose predicted class is the label)."""
+        return {"loss": self(x, w), "accuracy": jnp.mean(self.predictions(x) == self.labels)}
+
     def losses(self, x, w):
-        logits = self._logits(x)
+        logits = self.logits(x)
         picked = jnp.take_along_axis(logits, self.labels[:, None], axis=-1)[:, 0]
         return jax.nn.logsumexp(logits, axis=-1) - picked
 
     def terminal_adjoint(self, x, w):
-        logits = self._logits(x)
+        logits = self.logits(x)
         p = jax.nn.softmax(logits, axis=-1)
         p = p - jax.nn.one_hot(self.labels, logits.shape[-1], dtype=p.dtype)
         return jnp.zeros_like(x).at[:, -1].set(p @ self.readout)
@@ -269,7 +282,7 @@ class SinkhornRisk(AbstractRisk):
         y_weights = jnp.asarray(y_weights, y.dtype)
         check_shape("Sinkhorn target weights", y_weights, (B, m), "one weight per target token")
         check_weights("Sinkhorn target weights", y_weights)
-        eps = _concrete(epsilon)
+        eps = concrete_or_none(epsilon)
         if eps is not None and not (np.ndim(eps) == 0 and np.isfinite(eps) and eps > 0):
             raise InputError(f"Sinkhorn epsilon must be a positive scalar, got {epsilon}")
         self.y, self.y_weights = y, y_weights

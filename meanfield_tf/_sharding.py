@@ -29,7 +29,6 @@ single-device arrays) and gathered back with `gather_to_host`.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Sequence
 
 import jax
@@ -37,7 +36,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from jaxtyping import PyTree
 
-from ._errors import ConfigError, InputError
+from ._errors import InputError
 from ._heads import HeadMeasure
 from ._tokens import TokenBatch
 
@@ -49,50 +48,15 @@ DATA_AXIS = "data"
 # Mesh
 
 
-@dataclasses.dataclass(frozen=True)
-class MeshConfig:
-    """The device mesh of a run: `heads` shards of the head axis × `data` shards of the batch.
-
-    `heads * data` devices are used (the first ones of `jax.devices()`, which spans every process
-    in a multi-host run). The defaults `heads=1, data=1` mean one device, no sharding. As a YAML
-    section: `mesh: {heads: 2, data: 4}`.
-    """
-
-    heads: int = 1
-    data: int = 1
-
-    def __post_init__(self):
-        for name in ("heads", "data"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"mesh.{name} must be an integer >= 1 (number of shards), got {value!r}")
-
-    @property
-    def num_devices(self) -> int:
-        return self.heads * self.data
-
-    @property
-    def sharded(self) -> bool:
-        """Whether this mesh uses more than one device."""
-        return self.num_devices > 1
-
-    def make(self, devices: Sequence[jax.Device] | None = None) -> Mesh:
-        """The `jax.sharding.Mesh` of this configuration (see `make_mesh`)."""
-        return make_mesh(heads=self.heads, data=self.data, devices=devices)
-
-    def check(self, *, num_heads: int | None = None, batch_size: int | None = None,
-              num_devices: int | None = None) -> "MeshConfig":
-        """Raise `ConfigError` unless the mesh fits the devices, `M` and `B`; return self."""
-        try:
-            _check_devices(self.heads, self.data,
-                           len(jax.devices()) if num_devices is None else num_devices)
-            if num_heads is not None:
-                _check_divides("heads", num_heads, self.heads)
-            if batch_size is not None:
-                _check_divides("data", batch_size, self.data)
-        except InputError as err:
-            raise ConfigError(str(err)) from None
-        return self
+def check_mesh_fits(heads: int, data: int, *, num_heads: int | None = None,
+                    batch_size: int | None = None, num_devices: int | None = None) -> None:
+    """Raise `InputError` unless a `(heads, data)` mesh fits the devices (`num_devices`, default
+    every device of `jax.devices()`), and divides `M` (`num_heads`) and `B` (`batch_size`)."""
+    _check_devices(heads, data, len(jax.devices()) if num_devices is None else num_devices)
+    if num_heads is not None:
+        _check_divides("heads", num_heads, heads)
+    if batch_size is not None:
+        _check_divides("data", batch_size, data)
 
 
 def _check_devices(heads: int, data: int, available: int) -> None:
@@ -140,12 +104,6 @@ def make_mesh(heads: int = 1, data: int = 1, *, devices: Sequence[jax.Device] | 
                              axis_types=(AxisType.Auto, AxisType.Auto))
     grid = np.array(pool[: heads * data], dtype=object).reshape(heads, data)
     return Mesh(grid, (HEADS_AXIS, DATA_AXIS), axis_types=(AxisType.Auto, AxisType.Auto))
-
-
-def mesh_shape(mesh: Mesh) -> tuple[int, int]:
-    """`(heads, data)` shard counts of a mesh made by `make_mesh`."""
-    _check_mesh(mesh)
-    return mesh.shape[HEADS_AXIS], mesh.shape[DATA_AXIS]
 
 
 def _check_mesh(mesh) -> None:

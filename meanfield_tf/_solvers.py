@@ -1,11 +1,24 @@
-"""Depth solvers that diffrax does not ship under a familiar name."""
+r"""How depth is solved: the `DepthSolver` options object, and `ClassicalRK4`.
+
+`DepthSolver(ode, stepping, kernel)` bundles what every depth solve needs — the diffrax ODE
+method, how each layer cell is stepped, and the attention kernel — in the spirit of ott-jax's
+solver objects: one object passed to `flow`, `risk_and_gradient`, `explicit_adjoint`, the NTK
+functions and training, instead of a keyword triple in each. The default,
+`DepthSolver(diffrax.Euler(), FixedSteps(1), DenseKernel())`, is the finite transformer
+$X^{l+1} = X^l + \frac1L \frac1M \sum_m a_{\theta_{l,m}}[\mu^l](X^l)$.
+"""
 
 from __future__ import annotations
 
 from typing import ClassVar
 
 import diffrax
+import equinox as eqx
 import numpy as np
+
+from ._attention import AbstractKernel, DenseKernel
+from ._depth import AbstractStepping, FixedSteps
+from ._errors import InputError
 
 _RK4_TABLEAU = diffrax.ButcherTableau(
     c=np.array([0.5, 0.5, 1.0]),
@@ -26,3 +39,43 @@ class ClassicalRK4(diffrax.AbstractERK):
     def order(self, terms):
         del terms
         return 4
+
+
+class DepthSolver(eqx.Module):
+    """How the depth ODE is solved.
+
+    **Fields:**
+
+    - `ode`: any diffrax ODE solver (default `diffrax.Euler()`).
+    - `stepping`: `FixedSteps(k)` (k equal steps per layer cell, default 1) or
+      `AdaptiveSteps(rtol, atol)` (error control; needs a solver with an error estimate).
+    - `kernel`: the attention kernel, `DenseKernel()` (default, the reference) or
+      `ChunkedKernel(chunk_size)` (memory linear in `n`).
+
+    Euler with `FixedSteps(k)` is the discrete network (`finite_transformer`, exactly the
+    `L`-layer transformer for `k = 1`); any other combination integrates the continuous-depth
+    model. Build one from arguments or with `DepthSolver(ode=diffrax.Tsit5(),
+    stepping=AdaptiveSteps(1e-8, 1e-8))`.
+    """
+
+    ode: diffrax.AbstractSolver = diffrax.Euler()
+    stepping: AbstractStepping = FixedSteps(1)
+    kernel: AbstractKernel = DenseKernel()
+
+    def __check_init__(self):
+        if not isinstance(self.ode, diffrax.AbstractSolver):
+            raise InputError(f"DepthSolver.ode must be a diffrax solver (e.g. diffrax.Euler()), "
+                             f"got {type(self.ode).__name__}")
+        if not isinstance(self.stepping, AbstractStepping):
+            raise InputError(f"DepthSolver.stepping must be FixedSteps(k) or "
+                             f"AdaptiveSteps(rtol, atol), got {type(self.stepping).__name__}")
+        if not isinstance(self.kernel, AbstractKernel):
+            raise InputError(f"DepthSolver.kernel must be an attention kernel (DenseKernel(), "
+                             f"ChunkedKernel(c)), got {type(self.kernel).__name__}")
+        self.stepping.check(self.ode)
+
+    @property
+    def finite_transformer(self) -> bool:
+        """True for explicit Euler with fixed steps: the solve is a discrete network (the finite
+        transformer for one step per layer), whose exact gradient is its discrete adjoint."""
+        return isinstance(self.ode, diffrax.Euler) and isinstance(self.stepping, FixedSteps)

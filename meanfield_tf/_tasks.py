@@ -20,6 +20,7 @@ fixed held-out batch (or `None`).
 
 from __future__ import annotations
 
+import abc
 from typing import Callable
 
 import equinox as eqx
@@ -44,21 +45,13 @@ class Batch(eqx.Module):
 class AbstractTask(eqx.Module):
     """Base class of the tasks: `train_batch(key, step)` (pure) and `test_batch()`."""
 
+    @abc.abstractmethod
     def train_batch(self, key: PRNGKeyArray, step) -> Batch:
-        raise NotImplementedError
+        """The batch of training step `step`: a pure function of `key` and `step`."""
 
     def test_batch(self) -> Batch | None:
+        """A fixed held-out batch, or `None` when the task has none."""
         return None
-
-    @property
-    def classification(self) -> bool:
-        return False
-
-
-def _query_batch(x: Float[Array, "B n d"], w: Float[Array, "B n"], q: Float[Array, "B d"]) -> TokenBatch:
-    """Append a per-sequence readout query `q` (weight 0) as the last token."""
-    return TokenBatch(jnp.concatenate([x, q[:, None]], axis=1),
-                      jnp.concatenate([w, jnp.zeros_like(w[:, :1])], axis=1), check=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,7 +116,8 @@ def in_context_regression_batch(key: PRNGKeyArray, batch_size: int, n: int, dim_
     q = jnp.concatenate([xq, jnp.zeros((batch_size, 1), dtype)], axis=-1)
     w = jnp.full((batch_size, n), 1.0 / n, dtype)
     readout = jnp.zeros((1, dim_x + 1), dtype).at[0, -1].set(1.0)
-    return Batch(_query_batch(x, w, q), QueryRegression(yq[:, None], readout=readout))
+    tokens = TokenBatch(x, w, check=False).append_query(q)
+    return Batch(tokens, QueryRegression(yq[:, None], readout=readout))
 
 
 class InContextRegression(AbstractTask):
@@ -221,8 +215,8 @@ class Digits(AbstractTask):
 
     def _batch(self, x, y) -> Batch:
         w = self._weights(x)
-        q = jnp.broadcast_to(self.query, (x.shape[0], x.shape[-1]))
-        return Batch(_query_batch(x, w, q), QueryClassification(y, digits_readout(x.dtype)))
+        tokens = TokenBatch(x, w, check=False).append_query(self.query)
+        return Batch(tokens, QueryClassification(y, digits_readout(x.dtype)))
 
     def _weights(self, x):
         if not self.ink_weights:
@@ -237,10 +231,6 @@ class Digits(AbstractTask):
 
     def test_batch(self) -> Batch:
         return self._batch(self.x_test, self.y_test)
-
-    @property
-    def classification(self) -> bool:
-        return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,9 +261,6 @@ class DistributionMatching(AbstractTask):
 
 
 def evaluate_batch(batch: Batch, x1: Float[Array, "B n d"]) -> dict[str, Array]:
-    """Metrics of final tokens `x1` on a batch: `loss`, plus `accuracy` for classification."""
-    out = {"loss": batch.risk(x1, batch.tokens.w)}
-    if isinstance(batch.risk, QueryClassification):
-        logits = x1[:, -1] @ batch.risk.readout.T
-        out["accuracy"] = jnp.mean(jnp.argmax(logits, axis=-1) == batch.risk.labels)
-    return out
+    """Metrics of final tokens `x1` on a batch (`risk.metrics`): `loss`, plus `accuracy` for
+    classification."""
+    return batch.risk.metrics(x1, batch.tokens.w)

@@ -77,21 +77,26 @@ class TokenBatch(eqx.Module):
     def dim(self) -> int:
         return self.x.shape[2]
 
-    def with_positions(self, x: Float[Array, "B n d"]) -> "TokenBatch":
-        """The same weights at new positions (no validation: used inside solves)."""
-        return TokenBatch(x, self.w, check=False)
+    def append_query(self, e: Float[Array, "d"] | Float[Array, "B d"]) -> "TokenBatch":
+        """Append a readout query token to every sequence, with weight 0.
 
-    def append_query(self, e: Float[Array, " d"]) -> "TokenBatch":
-        """Append a readout query token `e` to every sequence with weight 0.
-
-        A zero-weight token moves with the flow (it is a query) but is invisible as a key, so the
+        `e` is one query `(d,)` shared by every sequence, or one per sequence `(B, d)`. A
+        zero-weight token moves with the flow (it is a query) but is invisible as a key, so the
         measure of every sequence is unchanged. Its final position is the sequence's readout.
         """
-        e = jnp.broadcast_to(jnp.asarray(e, self.x.dtype), (self.batch_size, 1, self.dim))
+        e = jnp.asarray(e, self.x.dtype)
+        e = jnp.broadcast_to(e[..., None, :], (self.batch_size, 1, self.dim))
         w0 = jnp.zeros((self.batch_size, 1), self.w.dtype)
         return TokenBatch(
             jnp.concatenate([self.x, e], axis=1), jnp.concatenate([self.w, w0], axis=1), check=False
         )
+
+
+def log_weights(w: Float[Array, "... n"]) -> Float[Array, "... n"]:
+    """`log w` with `-inf` at `w = 0` (exact padding in a softmax), with a finite (zero)
+    gradient there."""
+    pos = w > 0
+    return jnp.where(pos, jnp.log(jnp.where(pos, w, 1)), -jnp.inf)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,8 +143,7 @@ class Discrete(eqx.Module):
         return x, w
 
     def lse(self, z: Float[Array, "... d"]) -> Float[Array, "..."]:
-        logw = jnp.where(self.weights > 0, jnp.log(jnp.where(self.weights > 0, self.weights, 1)), -jnp.inf)
-        return jax.nn.logsumexp(z @ self.atoms.T + logw, axis=-1)
+        return jax.nn.logsumexp(z @ self.atoms.T + log_weights(self.weights), axis=-1)
 
 
 class Gaussian(eqx.Module):
@@ -322,3 +326,14 @@ def sample_tokens(key: PRNGKeyArray, families: Sequence[Family], n: int) -> Toke
     keys = jax.random.split(key, len(families))
     xs, ws = zip(*(f.tokens(k, n) for f, k in zip(families, keys)))
     return TokenBatch(jnp.stack(xs), jnp.stack(ws))
+
+
+def discrete_batch(families: Sequence[Discrete]) -> TokenBatch:
+    """The empirical sequences as one `TokenBatch`, padded with zero-weight tokens."""
+    n = max(f.atoms.shape[0] for f in families)
+    return sample_tokens(jax.random.PRNGKey(0), families, n)
+
+
+def families_from_tokens(tokens: TokenBatch) -> list[Discrete]:
+    """One `Discrete` measure per sequence of a `TokenBatch` (padding keeps weight 0)."""
+    return [Discrete(tokens.x[i], tokens.w[i]) for i in range(tokens.batch_size)]

@@ -25,25 +25,26 @@ optimiser state as an array, so changing it does not recompile the training step
 multiplies it by a shape `schedule(count)` that is part of the compiled step.
 
 The training step is a pure function `step(heads, opt_state, batch) -> (heads, opt_state, info)`
-so that it can be jitted, checkpointed, and sharded over the head axis.
+so that it can be jitted, checkpointed, and sharded over the head axis. It is an `eqx.Module`
+(`TrainStep`) whose compiled form is shared by every step built from equal settings:
+`GradientFlowOptimizer` describes the optimiser by value (base, schedule), so two runs with the
+same settings compile the step once.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
-import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Float, PyTree
 
-from ._attention import DenseKernel
-from ._depth import FixedSteps
-from ._errors import MeanFieldError
-from ._gradients import Autodiff, risk_and_gradient
+from ._errors import InputError, MeanFieldError
+from ._gradients import AbstractGradientMethod, Autodiff, risk_and_gradient
 from ._heads import HeadMeasure
+from ._solvers import DepthSolver
 
 
 class TrainingDiverged(MeanFieldError):
@@ -96,8 +97,64 @@ def set_learning_rate(opt_state, learning_rate) -> Any:
     return opt_state._replace(hyperparams=new)
 
 
-def learning_rate_of(opt_state) -> Array:
-    return opt_state.hyperparams["learning_rate"]
+class GradientFlowOptimizer(eqx.Module):
+    """An optimiser of the head particles described by value (hashable: equal settings share one
+    compiled training step). `init`/`update` are those of `gradient_flow_optimizer`.
+
+    **Fields** (all static):
+
+    - `base`: `"sgd"` (explicit Euler of the gradient flow), `"momentum"` (heavy ball,
+      `momentum` decay) or `"adam"` — the last two leave the gradient-flow geometry.
+    - `schedule`: `"constant"`, `"cosine"` (decay to 0 over `steps - warmup_steps`) or
+      `"exponential"` (factor `decay_rate` over the same span), after `warmup_steps` of linear
+      warm-up.
+    - `steps`: the run's length (the span of the schedule).
+
+    The learning rate is not a field: it lives in the optimiser state (`init(params,
+    learning_rate)`, `set_learning_rate`), so changing it never recompiles.
+    """
+
+    base: str = eqx.field(static=True, default="sgd")
+    momentum: float = eqx.field(static=True, default=0.9)
+    schedule: str = eqx.field(static=True, default="constant")
+    steps: int = eqx.field(static=True, default=1)
+    warmup_steps: int = eqx.field(static=True, default=0)
+    decay_rate: float = eqx.field(static=True, default=0.1)
+
+    def __check_init__(self):
+        if self.base not in ("sgd", "momentum", "adam"):
+            raise InputError(f"optimizer base must be sgd, momentum or adam, got {self.base!r}")
+        if self.schedule not in ("constant", "cosine", "exponential"):
+            raise InputError(f"schedule must be constant, cosine or exponential, got "
+                             f"{self.schedule!r}")
+
+    def shape(self) -> Callable[[Array], Array] | None:
+        """The step-size shape `count -> factor` (None: constant)."""
+        main = max(self.steps - self.warmup_steps, 1)
+        shape = {"constant": None, "cosine": optax.cosine_decay_schedule(1.0, main),
+                 "exponential": optax.exponential_decay(1.0, main, self.decay_rate)}[self.schedule]
+        if self.warmup_steps:
+            warm = optax.linear_schedule(0.0, 1.0, self.warmup_steps)
+            shape = optax.join_schedules([warm, shape or optax.constant_schedule(1.0)],
+                                         [self.warmup_steps])
+        return shape
+
+    def factor(self, step: int) -> float:
+        """The schedule's factor at `step` (1 for a constant schedule)."""
+        shape = self.shape()
+        return 1.0 if shape is None else float(shape(step))
+
+    def transformation(self, learning_rate: float | Array = 1.0):
+        """The optax transformation (`gradient_flow_optimizer`) these settings describe."""
+        base = {"sgd": None, "momentum": optax.trace(decay=self.momentum),
+                "adam": optax.scale_by_adam()}[self.base]
+        return gradient_flow_optimizer(learning_rate, base=base, schedule=self.shape())
+
+    def init(self, params, learning_rate: float | Array = 1.0):
+        return self.transformation(learning_rate).init(params)
+
+    def update(self, updates, state, params=None):
+        return self.transformation().update(updates, state, params)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,21 +163,19 @@ def learning_rate_of(opt_state) -> Array:
 
 class MeanFieldGradient(eqx.Module):
     r"""`(heads, batch) -> (R, g)`: the risk of a `Batch` and the mean-field gradient
-    $g = L M \nabla_\theta R$ (a params dict), from `meanfield_tf._gradients.risk_and_gradient`.
+    $g = L M \nabla_\theta R$ (a params dict), from `risk_and_gradient`.
 
     **Fields:** `method` (`Autodiff()` default: with Euler and one step per layer, the exact
-    gradient of the finite transformer; `Explicit()`; `Backsolve()`), and the depth solve
-    `solver`, `stepping`, `kernel` as in `flow`.
+    gradient of the finite transformer; `Explicit()`; `Backsolve()`) and `solver`, the
+    `DepthSolver` of the forward pass.
     """
 
-    method: Any = Autodiff()
-    solver: diffrax.AbstractSolver = diffrax.Euler()
-    stepping: Any = FixedSteps(1)
-    kernel: Any = DenseKernel()
+    method: AbstractGradientMethod = Autodiff()
+    solver: DepthSolver = DepthSolver()
 
     def __call__(self, heads: HeadMeasure, batch) -> tuple[Array, dict[str, Array]]:
         loss, g = risk_and_gradient(heads, batch.tokens, batch.risk, method=self.method,
-                                    solver=self.solver, stepping=self.stepping, kernel=self.kernel)
+                                    solver=self.solver)
         return loss, g.params
 
 
@@ -143,48 +198,61 @@ class StepInfo(eqx.Module):
     grad_norm: Float[Array, ""]
 
 
-def make_train_step(
-    value_and_grad: Callable[[HeadMeasure, PyTree], tuple[Array, dict[str, Array]]],
-    optimizer: optax.GradientTransformation,
-):
+class TrainStep(eqx.Module):
     """The jitted training step `step(heads, opt_state, batch) -> (heads, opt_state, StepInfo)`.
 
-    `value_and_grad(heads, batch) -> (R, g)` returns the risk and the *mean-field* gradient
-    `g = L·M·dR/dθ` (e.g. `MeanFieldGradient()`); `optimizer` is usually
-    `gradient_flow_optimizer(τ)`. The step is a pure function of its arguments (no closures
-    over arrays), so it can be sharded over the head axis. `step.num_traces()` counts how many
-    times it was traced (1 across learning-rate changes).
+    **Fields:** `value_and_grad(heads, batch) -> (R, g)` returning the risk and the *mean-field*
+    gradient `g = L·M·dR/dθ` (e.g. `MeanFieldGradient()`), and `optimizer` (an optax
+    transformation such as `gradient_flow_optimizer(τ)`, or a `GradientFlowOptimizer`). The step
+    is a pure function of its arguments (no closures over arrays), so it can be sharded over the
+    head axis. Its compilation is cached on the (static) settings: steps built from equal
+    settings share one executable, and a changed learning rate never recompiles.
     """
-    counter = {"traces": 0}
 
-    def step(heads: HeadMeasure, opt_state, batch):
-        counter["traces"] += 1
-        loss, g = value_and_grad(heads, batch)
-        updates, opt_state = optimizer.update(g, opt_state, heads.params)
-        params = optax.apply_updates(heads.params, updates)
-        heads = eqx.tree_at(lambda h: h.params, heads, params)
-        return heads, opt_state, StepInfo(loss=loss, grad_norm=particle_norm(g))
+    value_and_grad: Callable
+    optimizer: Any
 
-    jitted = eqx.filter_jit(step)
+    def __call__(self, heads: HeadMeasure, opt_state, batch):
+        return _train_step(self.value_and_grad, self.optimizer, heads, opt_state, batch)
 
-    def train_step(heads: HeadMeasure, opt_state, batch):
-        return jitted(heads, opt_state, batch)
-
-    train_step.num_traces = lambda: counter["traces"]
-    train_step.__doc__ = make_train_step.__doc__
-    return train_step
+    @staticmethod
+    def num_traces() -> int:
+        """How many times any training step has been traced (compiled) in this process."""
+        return eqx.debug.get_num_traces(_traced_step)
 
 
-def init_optimizer(optimizer: optax.GradientTransformation, heads: HeadMeasure):
-    """The optimiser state for the head parameters (the `params` dict)."""
-    return optimizer.init(heads.params)
+@eqx.debug.assert_max_traces(max_traces=None)  # counts compilations (see TrainStep.num_traces)
+def _traced_step(value_and_grad, optimizer, heads: HeadMeasure, opt_state, batch):
+    loss, g = value_and_grad(heads, batch)
+    updates, opt_state = optimizer.update(g, opt_state, heads.params)
+    params = optax.apply_updates(heads.params, updates)
+    heads = eqx.tree_at(lambda h: h.params, heads, params)
+    return heads, opt_state, StepInfo(loss=loss, grad_norm=particle_norm(g))
+
+
+_train_step = eqx.filter_jit(_traced_step)
+
+
+def make_train_step(
+    value_and_grad: Callable[[HeadMeasure, PyTree], tuple[Array, dict[str, Array]]],
+    optimizer,
+) -> TrainStep:
+    """The jitted training step of `value_and_grad` and `optimizer` (see `TrainStep`)."""
+    return TrainStep(value_and_grad, optimizer)
+
+
+def init_optimizer(optimizer, heads: HeadMeasure, learning_rate=None):
+    """The optimiser state for the head parameters (the `params` dict); with `learning_rate`,
+    that step size is put into the state (see `set_learning_rate`)."""
+    state = optimizer.init(heads.params)
+    return state if learning_rate is None else set_learning_rate(state, learning_rate)
 
 
 # ---------------------------------------------------------------------------------------------
 # Distance travelled by the heads
 
 
-def _layer_particles(heads: HeadMeasure) -> Float[Array, "N M p"]:
+def layer_particles(heads: HeadMeasure) -> Float[Array, "N M p"]:
     """Every particle flattened: `(N, M, p)` with `p` the number of parameters of one head."""
     leaves = [heads.params[k] for k in sorted(heads.params)]
     n, m = leaves[0].shape[:2]
@@ -219,8 +287,8 @@ def conditional_w2(
     from ott.geometry import geometry
     from ott.solvers import linear
 
-    x = _layer_particles(heads)
-    y = _layer_particles(reference).astype(x.dtype)
+    x = layer_particles(heads)
+    y = layer_particles(reference).astype(x.dtype)
     if threshold is None:
         threshold = 1e-9 if x.dtype == jnp.float64 else 1e-5
 

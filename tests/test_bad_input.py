@@ -183,7 +183,7 @@ def test_bad_stepping_and_kernel_options():
     heads = mf.HeadMeasure(**good_params())
     tokens = mf.TokenBatch(good_x(), good_w())
     with raises(mf.InputError, "Euler has no error estimate"):
-        mf.flow(heads, tokens, solver=diffrax.Euler(), stepping=mf.AdaptiveSteps())
+        mf.flow(heads, tokens, mf.DepthSolver(diffrax.Euler(), mf.AdaptiveSteps()))
 
 
 def test_gaussian_flow_shape_mismatch():
@@ -201,8 +201,8 @@ def test_adaptive_solve_that_cannot_converge():
     p = good_params()
     heads = mf.HeadMeasure(A=3 * p["A"], V=3 * p["V"])
     tokens = mf.TokenBatch(good_x(), good_w())
-    sol = mf.flow(heads, tokens, solver=diffrax.Tsit5(),
-                  stepping=mf.AdaptiveSteps(rtol=1e-10, atol=1e-12, max_steps_per_layer=2))
+    sol = mf.flow(heads, tokens, mf.DepthSolver(
+        diffrax.Tsit5(), mf.AdaptiveSteps(rtol=1e-10, atol=1e-12, max_steps_per_layer=2)))
     ok = np.asarray(sol.converged)
     assert ok.shape == (L,) and not ok.all()
     with raises(mf.SolverError, f"failed in layer {int(np.argmin(ok))} of {L}"):

@@ -54,7 +54,7 @@ def test_grad_backsolve_adaptive(files, tmp_path):
                       "--rtol", "1e-10", "--atol", "1e-10")) == 0
     got = np.load(out)
     _, ref = mf.risk_and_gradient(heads, mf.TokenBatch(x, w), mf.TokenRegression(y),
-                                  solver=mf.ClassicalRK4(), stepping=mf.FixedSteps(16))
+                                  solver=mf.DepthSolver(mf.ClassicalRK4(), mf.FixedSteps(16)))
     assert rel_err(got["V"], ref.V) < 1e-6
 
 

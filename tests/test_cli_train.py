@@ -5,7 +5,7 @@ import json
 import pytest
 
 from meanfield_tf.cli import main
-from meanfield_tf.train_config import load_train_config
+from meanfield_tf.workflow.config import load_train_config
 
 TINY = ["dtype=float64", "heads.layers=2", "heads.heads=8", "task.tokens.n=6",
         "train.learning_rate=2.0", "train.eval_every=10", "train.checkpoint_every=10"]

@@ -22,7 +22,8 @@ import pytest
 from conftest import free_port, two_process_env
 
 import meanfield_tf as mf
-from meanfield_tf.distributed import DistributedConfig, initialize_distributed
+from meanfield_tf.workflow.config import DistributedConfig
+from meanfield_tf.workflow.processes import initialize_distributed
 
 RTOL = 1e-12
 

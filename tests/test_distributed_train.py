@@ -26,7 +26,7 @@ import pytest
 from conftest import free_port, two_process_env
 
 from meanfield_tf.cli import main
-from meanfield_tf.run import RunDir, load_run
+from meanfield_tf.workflow.rundir import RunDir, load_run
 
 RTOL = 1e-12
 STEPS = 6

@@ -122,7 +122,7 @@ def test_euler_k_steps_per_layer(rank):
     rng = np.random.default_rng(1)
     tokens = random_tokens(rng)
     heads = random_heads(rng, rank=rank, scale=1.5)
-    sol = mf.flow(heads, tokens, stepping=mf.FixedSteps(3))
+    sol = mf.flow(heads, tokens, mf.DepthSolver(stepping=mf.FixedSteps(3)))
     ref = np_transformer(tokens.x, tokens.w, np_A(heads), heads.V, steps_per_layer=3)
     assert rel_err(sol.xs, ref) <= 1e-12
     np.testing.assert_array_equal(np.asarray(sol.num_steps), np.full(L, 3))
@@ -133,7 +133,7 @@ def test_euler_linear_heads():
     tokens = random_tokens(rng)
     heads = random_heads(rng, linear=True, scale=1.5)
     assert heads.num_layers == L
-    sol = mf.flow(heads, tokens, stepping=mf.FixedSteps(2))
+    sol = mf.flow(heads, tokens, mf.DepthSolver(stepping=mf.FixedSteps(2)))
     ref = np_transformer(tokens.x, tokens.w, heads.A, heads.V, steps_per_layer=2, linear=True)
     assert rel_err(sol.xs, ref) <= 1e-12
 
@@ -150,8 +150,8 @@ def test_permutation_equivariance():
     take = lambda a: np.take_along_axis(np.asarray(a), perms.reshape(B, N, *[1] * (a.ndim - 2)), 1)
     permuted = mf.TokenBatch(jnp.asarray(take(tokens.x)), jnp.asarray(take(tokens.w)))
     for solver in (diffrax.Euler(), diffrax.Tsit5()):
-        x = mf.flow(heads, tokens, solver=solver).x
-        xp = mf.flow(heads, permuted, solver=solver).x
+        x = mf.flow(heads, tokens, mf.DepthSolver(solver)).x
+        xp = mf.flow(heads, permuted, mf.DepthSolver(solver)).x
         assert rel_err(xp, take(x)) <= 1e-12
 
 
@@ -195,7 +195,7 @@ def test_depth_saving_at_layer_edges_and_inside_layers():
     tokens = random_tokens(rng)
     heads = random_heads(rng, scale=1.5)
     k = 3
-    ref = mf.flow(heads, tokens, stepping=mf.FixedSteps(k))
+    ref = mf.flow(heads, tokens, mf.DepthSolver(stepping=mf.FixedSteps(k)))
     # Save at every Euler node j/(kL) (layer edges among them), and at points between nodes,
     # which Euler's dense output (the local linear interpolant) gives as (1 - u) X_j + u X_{j+1}.
     nodes = np.arange(k * L + 1) / (k * L)
@@ -203,7 +203,7 @@ def test_depth_saving_at_layer_edges_and_inside_layers():
                                  np.repeat(heads.V, k, axis=0))  # kL layers of size 1/(kL)
     mids = (nodes[:-1] + 0.25 / (k * L))[::2]
     depths = np.sort(np.concatenate([nodes, mids]))
-    sol = mf.flow(heads, tokens, stepping=mf.FixedSteps(k), depths=depths)
+    sol = mf.flow(heads, tokens, mf.DepthSolver(stepping=mf.FixedSteps(k)), depths=depths)
     np.testing.assert_array_equal(np.asarray(sol.s), depths)
     j = np.minimum(np.floor(depths * k * L + 1e-9).astype(int), k * L - 1)
     u = (depths * k * L - j)[:, None, None, None]
@@ -246,7 +246,7 @@ def order_problem(interpolation, scale=1.0):
         # An 8th-order reference. Measured: doubling its steps (8 -> 16 per layer) changes it by
         # <= 2e-15 relative on these problems; the errors measured below are > 1e-12, and a
         # reference error comparable to them would flatten the observed orders, which are checked.
-        fine = mf.flow(heads, tokens, solver=diffrax.Dopri8(), stepping=mf.FixedSteps(16)).x
+        fine = mf.flow(heads, tokens, mf.DepthSolver(diffrax.Dopri8(), mf.FixedSteps(16))).x
         assert np.abs(np.asarray(fine - tokens.x)).max() > 0.3
         _PROBLEMS[interpolation, scale] = (tokens, heads, fine)
     return _PROBLEMS[interpolation, scale]
@@ -282,7 +282,7 @@ def test_observed_order_of_convergence(name, interpolation):
     tokens, heads, ref = order_problem(interpolation, scale)
     ks = [1, 2, 4, 8]
     errs = np.array([
-        rel_err(mf.flow(heads, tokens, solver=solver, stepping=mf.FixedSteps(k)).x, ref)
+        rel_err(mf.flow(heads, tokens, mf.DepthSolver(solver, mf.FixedSteps(k))).x, ref)
         for k in ks])
     observed = np.log2(errs[:-1] / errs[1:])
     print(name, interpolation, errs, observed)
@@ -297,8 +297,8 @@ def test_adaptive_steps_match_the_fine_reference():
     tokens, heads, ref = order_problem("piecewise")
     errs = {}
     for rtol in (1e-5, 1e-8):
-        sol = mf.flow(heads, tokens, solver=diffrax.Tsit5(),
-                      stepping=mf.AdaptiveSteps(rtol=rtol, atol=rtol * 1e-2))
+        sol = mf.flow(heads, tokens, mf.DepthSolver(
+            diffrax.Tsit5(), mf.AdaptiveSteps(rtol=rtol, atol=rtol * 1e-2)))
         mf.check_converged(sol)
         assert bool(np.all(np.asarray(sol.converged)))
         errs[rtol] = rel_err(sol.x, ref)

@@ -35,8 +35,8 @@ def test_diagonal_heads_closed_form():
         ss.append(ss[-1] / den)
     ms, covs = np.stack(ms), np.stack([np.diag(s) for s in ss])
 
-    accurate = mf.gaussian_flow(heads, m0, np.diag(s0), solver=diffrax.Dopri8(),
-                                stepping=mf.FixedSteps(8))
+    accurate = mf.gaussian_flow(heads, m0, np.diag(s0),
+                                mf.DepthSolver(diffrax.Dopri8(), mf.FixedSteps(8)))
     assert bool(np.all(np.asarray(accurate.converged)))
     np.testing.assert_allclose(np.asarray(accurate.s), np.arange(L + 1) / L, atol=1e-15)
     assert rel_err(accurate.mean, ms) <= 1e-12
@@ -97,8 +97,8 @@ def test_sampled_tokens_converge_to_the_moment_flow():
     w = (np.arange(slots) < n_of_row[:, None]) / n_of_row[:, None]
     # Bosh3 with 2 steps per layer (3 stages, half the work of Tsit5): on the moment ODE its
     # discretisation error is ~1e-4, far below the sampling error (> 0.05) at every n here
-    sol = mf.flow(heads, mf.TokenBatch(jnp.asarray(x), jnp.asarray(w)), solver=diffrax.Bosh3(),
-                  stepping=mf.FixedSteps(2), kernel=mf.ChunkedKernel(128))
+    sol = mf.flow(heads, mf.TokenBatch(jnp.asarray(x), jnp.asarray(w)), mf.DepthSolver(
+                  diffrax.Bosh3(), mf.FixedSteps(2), mf.ChunkedKernel(128)))
     x1 = np.asarray(sol.x)
     rms = []
     for i, n in enumerate(ns):

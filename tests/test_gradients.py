@@ -42,7 +42,7 @@ def _fd_gradient(heads, tokens, risk, solver, stepping, directions=None, h=1e-3)
 
     def loss(v):
         hh = eqx.tree_at(lambda t: t.params, heads, unravel(v))
-        return risk(mf.flow(hh, tokens, solver=solver, stepping=stepping).x, tokens.w)
+        return risk(mf.flow(hh, tokens, mf.DepthSolver(solver, stepping)).x, tokens.w)
 
     dirs = (jnp.eye(flat.size, dtype=flat.dtype) if directions is None
             else jnp.stack([ravel_pytree(d)[0] for d in directions]))
@@ -108,10 +108,10 @@ def test_finite_transformer_matches_finite_differences(getkey, rank, interpolati
     heads, tokens, risk = _problem(getkey, rank=rank, interpolation=interpolation)
     solver, stepping = diffrax.Euler(), mf.FixedSteps(steps)
     ref = _fd_gradient(heads, tokens, risk, solver, stepping)
-    loss_ref = risk(mf.flow(heads, tokens, solver=solver, stepping=stepping).x, tokens.w)
+    loss_ref = risk(mf.flow(heads, tokens, mf.DepthSolver(solver, stepping)).x, tokens.w)
     for method in (mf.Autodiff(), mf.Explicit()):
-        loss, grads = mf.risk_and_gradient(heads, tokens, risk, method=method, solver=solver,
-                                           stepping=stepping)
+        loss, grads = mf.risk_and_gradient(heads, tokens, risk, method=method,
+                                           solver=mf.DepthSolver(solver, stepping))
         assert abs(float(loss - loss_ref)) <= 1e-14 * abs(float(loss_ref))
         assert set(grads.params) == set(heads.params)
         assert grads.interpolation == heads.interpolation
@@ -194,8 +194,8 @@ def test_continuous_methods_converge_to_one_gradient(getkey):
     grads = {}
     for tol in (1e-5, 1e-10):
         stepping = mf.AdaptiveSteps(rtol=tol, atol=tol)
-        gs = [mf.risk_and_gradient(heads, tokens, risk, method=m, solver=solver,
-                                   stepping=stepping)[1] for m in methods]
+        gs = [mf.risk_and_gradient(heads, tokens, risk, method=m,
+                                   solver=mf.DepthSolver(solver, stepping))[1] for m in methods]
         grads[tol] = gs
         spread[tol] = max(rel_err(ravel_pytree(a.params)[0], ravel_pytree(gs[0].params)[0])
                           for a in gs[1:])
@@ -216,7 +216,7 @@ def test_backsolve_refused_with_constant_step_euler(getkey):
         mf.risk_and_gradient(heads, tokens, risk, method=mf.Backsolve())
     with pytest.raises(mf.InputError, match="Backsolve"):
         mf.risk_and_gradient(heads, tokens, risk, method=mf.Backsolve(),
-                             stepping=mf.FixedSteps(8))
+                             solver=mf.DepthSolver(stepping=mf.FixedSteps(8)))
 
 
 def test_failed_adaptive_solve_gives_nan_and_tolerances_do_not_recompile(getkey):
@@ -225,8 +225,8 @@ def test_failed_adaptive_solve_gives_nan_and_tolerances_do_not_recompile(getkey)
     @eqx.filter_jit
     @eqx.debug.assert_max_traces(max_traces=1)
     def grad(stepping):
-        return mf.risk_and_gradient(heads, tokens, risk, solver=diffrax.Tsit5(),
-                                    stepping=stepping)
+        return mf.risk_and_gradient(heads, tokens, risk,
+                                    solver=mf.DepthSolver(diffrax.Tsit5(), stepping))
 
     loss, grads = grad(mf.AdaptiveSteps(rtol=1e-12, atol=1e-12, max_steps_per_layer=2))
     assert np.isnan(float(loss)) and bool(jnp.isnan(grads.V).all())
@@ -258,8 +258,8 @@ def test_gradient_field_converges_as_L_and_M_grow(getkey):
         return mf.HeadMeasure(A=jnp.broadcast_to(A_bar, (L, M, d, d)), V=V)
 
     limit = mf.explicit_adjoint(constant_heads(2, 1, getkey(), 0.0), tokens, risk,
-                                solver=diffrax.Tsit5(),
-                                stepping=mf.AdaptiveSteps(rtol=1e-11, atol=1e-11))
+                                solver=mf.DepthSolver(diffrax.Tsit5(),
+                                                      mf.AdaptiveSteps(rtol=1e-11, atol=1e-11)))
     ref = mf.gradient_field(limit.states[1], tokens.w, limit.adjoints[1], probe)
     errs, noise = [], []
     for L, M in ((2, 2), (8, 32), (32, 512)):

@@ -150,7 +150,7 @@ def test_flow_gradient_chunked_equals_dense(getkey):
 
     def loss(params, kernel):
         heads = mf.HeadMeasure(A=params[0], V=params[1], check=False)
-        return jnp.sum(mf.flow(heads, tokens, kernel=kernel).x ** 2)
+        return jnp.sum(mf.flow(heads, tokens, mf.DepthSolver(kernel=kernel)).x ** 2)
 
     grad = eqx.filter_jit(jax.grad(loss))
     want = grad((A, V), mf.DenseKernel())

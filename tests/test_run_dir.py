@@ -15,8 +15,11 @@ import pytest
 import yaml
 
 from meanfield_tf._training import TrainingDiverged
-from meanfield_tf.run import RunDir, build_run, evaluate_run, train
-from meanfield_tf.train_config import load_train_config
+from meanfield_tf.workflow.build import run as build_run
+from meanfield_tf.workflow.config import load_train_config
+from meanfield_tf.workflow.evaluation import evaluate_run
+from meanfield_tf.workflow.rundir import RunDir
+from meanfield_tf.workflow.training import train
 
 # A tiny float64 teacher–student run: L = 2 layers of M = 8 heads, 4 sequences of 6 tokens.
 TINY = ["dtype=float64", "heads.layers=2", "heads.heads=8", "task.tokens.n=6",

@@ -25,7 +25,8 @@ import numpy as np
 import pytest
 
 import meanfield_tf as mf
-from meanfield_tf._sharding import MeshConfig, make_mesh
+from meanfield_tf._sharding import make_mesh
+from meanfield_tf.workflow.config import MeshConfig
 
 RTOL = 1e-12
 NUM_DEVICES = 4
@@ -142,7 +143,7 @@ def test_bad_mesh_in_worker(core):
 
 @pytest.fixture(scope="module")
 def training_runs():
-    """`meanfield_tf.run.train` with a `mesh:` section, stopped and resumed (several compiles)."""
+    """`meanfield_tf.workflow.training.train` with a `mesh:` section, stopped and resumed (several compiles)."""
     return _run_worker("run")
 
 
@@ -249,7 +250,7 @@ def _worker(case: str) -> dict:  # noqa: C901 - one place computing every sharde
     meshes = {name: make_mesh(*map(int, name.split("x"))) for name in names}
 
     def loss(h, t, kernel=mf.DenseKernel()):
-        x1 = mf.flow(h, t, kernel=kernel).x
+        x1 = mf.flow(h, t, mf.DepthSolver(kernel=kernel)).x
         return 0.5 * jnp.mean(jnp.sum(t.w[..., None] * (x1 - target) ** 2, axis=(1, 2)))
 
     grad = jax.jit(jax.grad(loss))
@@ -339,7 +340,7 @@ def _worker(case: str) -> dict:  # noqa: C901 - one place computing every sharde
 
     tick("adaptive")
     lin = mf.gaussian_heads(jax.random.key(2), L, M, d, interpolation="linear", dtype=jnp.float64)
-    kw = dict(solver=diffrax.Tsit5(), stepping=mf.AdaptiveSteps(1e-8, 1e-10))
+    kw = dict(solver=mf.DepthSolver(diffrax.Tsit5(), mf.AdaptiveSteps(1e-8, 1e-10)))
     a_ref = mf.flow(lin, tokens, **kw)
     a_out = mf.flow(shard_heads(lin, mesh), st, **kw)
     res["adaptive"] = {"err": rel(a_out.x, a_ref.x),
@@ -361,8 +362,8 @@ def _worker(case: str) -> dict:  # noqa: C901 - one place computing every sharde
 
     tick("chunked kernel")
     ck = mf.ChunkedKernel(chunk_size=2)
-    c_ref = mf.flow(heads, tokens, kernel=ck).x
-    c_out = mf.flow(sh, st, kernel=ck).x
+    c_ref = mf.flow(heads, tokens, mf.DepthSolver(kernel=ck)).x
+    c_out = mf.flow(sh, st, mf.DepthSolver(kernel=ck)).x
     gc = jax.jit(jax.grad(lambda h, t: loss(h, t, ck)))
     res["chunked"] = {"forward_err": rel(c_out, c_ref),
                       "grad_err": tree_rel(gc(sh, st).params, gc(heads, tokens).params)}
@@ -371,13 +372,14 @@ def _worker(case: str) -> dict:  # noqa: C901 - one place computing every sharde
 
 
 def _worker_run(tick, rel, tree_rel) -> dict:
-    """Training runs through `meanfield_tf.run.train` (run directories, checkpoints, resume)."""
+    """Training runs through `meanfield_tf.workflow.training.train` (run directories, checkpoints, resume)."""
     import tempfile
 
     import jax
 
-    from meanfield_tf.run import load_run, train
-    from meanfield_tf.train_config import load_train_config
+    from meanfield_tf.workflow.config import load_train_config
+    from meanfield_tf.workflow.rundir import load_run
+    from meanfield_tf.workflow.training import train
 
     base = ["dtype=float64", "heads.layers=2", "heads.heads=8", "train.learning_rate=0.5",
             "train.optimizer=momentum", "train.checkpoint_every=2", "train.eval_every=2",
@@ -394,10 +396,11 @@ def _worker_run(tick, rel, tree_rel) -> dict:
         rows = [json.loads(x) for x in open(os.path.join(path, "metrics.jsonl"))]
         return np.asarray([r["loss"] for r in rows if r["kind"] == "train"])
 
-    from meanfield_tf.run import _run_mesh, build_run
+    from meanfield_tf.workflow.build import run as build_run
+    from meanfield_tf.workflow.processes import run_mesh
 
     c = cfg("mesh.heads=2", "mesh.data=2")
-    res = {"mesh": dict(_run_mesh(c, build_run(c)).shape)}  # the run really builds the mesh
+    res = {"mesh": dict(run_mesh(c.mesh, build_run(c).heads0.num_heads).shape)}  # the run really builds the mesh
     with tempfile.TemporaryDirectory() as tmp:
         tick("reference run (one device)")
         ref_dir = os.path.join(tmp, "ref")

@@ -1,6 +1,7 @@
-"""The `meanfield-tf` command line: a thin layer that parses, builds objects, calls the library and
-writes files. Each subcommand lives in its own module exposing `register(subparsers)`, which adds
-a parser whose `func` default is the function to run (`func(args) -> int`).
+"""The `meanfield-tf` command line: argparse only. Each subcommand parses its flags, hands them to
+`meanfield_tf.workflow` (which builds the objects, calls the library and writes the files) and
+prints what happened. Each lives in its own module exposing `register(subparsers)`, which adds a
+parser whose `func` default is the function to run (`func(args) -> int`).
 
 Errors the library raises on bad input (`MeanFieldError`) are printed as one line on stderr with
 exit code 2, never as a traceback.
@@ -37,11 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
-        if getattr(args, "default_func", None) is not None:
-            args.func = args.default_func
-        else:
-            parser.print_help()
-            return 0
+        parser.print_help()
+        return 0
     try:
         return int(args.func(args) or 0)
     except MeanFieldError as err:

@@ -11,9 +11,8 @@ import argparse
 
 import numpy as np
 
+from ..workflow.build import GRADIENT_METHODS
 from . import options
-
-_METHODS = ("autodiff", "backsolve", "explicit")
 
 
 def register(sub) -> None:
@@ -33,41 +32,32 @@ def register(sub) -> None:
     io.add_argument("--targets", required=True, help="npz with y (B,n,d): one target per token")
     io.add_argument("--interpolation", choices=["piecewise", "linear"], default="piecewise",
                     help="depth interpolation of --heads (linear: L+1 nodes)")
-    io.add_argument("--method", choices=_METHODS, default="autodiff",
+    io.add_argument("--method", choices=list(GRADIENT_METHODS), default="autodiff",
                     help="gradient method (default: autodiff)")
     io.add_argument("--out", default="grad.npz", help="output npz: loss, and A, V gradients")
     options.add_solver_flags(p)
     p.set_defaults(func=run)
 
 
-def method_from_name(name: str):
-    """A gradient-method object from its CLI name."""
-    from .._errors import InputError
-    from .._gradients import Autodiff, Backsolve, Explicit
-
-    methods = {"autodiff": Autodiff, "backsolve": Backsolve, "explicit": Explicit}
-    if name not in methods:
-        raise InputError(f"unknown gradient method {name!r}; choose one of {sorted(methods)}")
-    return methods[name]()
-
-
 def run(args: argparse.Namespace) -> int:
     from .._errors import InputError, SolverError
     from .._gradients import risk_and_gradient
     from .._risks import TokenRegression
-    from ..io import load_array, load_heads, load_tokens, save_npz_atomic
+    from ..workflow import build
+    from ..workflow.config import SolverConfig
+    from ..workflow.files import load_array, load_heads, load_tokens, save_npz_atomic
 
-    dtype = options.dtype_from_name(args.dtype or "float32")
-    solver = options.solver_from_name(args.solver or "euler")
-    kernel = options.kernel_from_name(args.kernel or "dense", args.chunk_size or 256)
-    method = method_from_name(args.method)
+    dtype = build.dtype(args.dtype or "float32")
+    flags = {k: v for k, v in options.solver_flags(args).items() if v is not None}
+    solver_cfg = SolverConfig(**flags)
+    method = build.gradient_method(args.method)
     tokens = load_tokens(args.tokens, dtype)
     heads = load_heads(args.heads, dtype, interpolation=args.interpolation)
     B, n, d = tokens.x.shape
     y = load_array(args.targets, "y", "targets", (B, n, d), dtype)
-    stepping = options.stepping_from_args(heads.num_layers, args.steps, args.rtol, args.atol)
+    solver = build.depth_solver(solver_cfg, heads.num_layers)
     loss, grads = risk_and_gradient(heads, tokens, TokenRegression(y), method=method,
-                                    solver=solver, stepping=stepping, kernel=kernel)
+                                    solver=solver)
     loss = np.asarray(loss)
     out = {k: np.asarray(v) for k, v in grads.params.items()}
     if not np.isfinite(loss):

@@ -1,15 +1,11 @@
-"""Command-line flags shared by the subcommands. Names become objects in `meanfield_tf.options`
-(re-exported here so subcommands import one module)."""
+"""Command-line flags shared by the subcommands (their choices come from the name tables of
+`meanfield_tf.workflow.build`, the one place names become objects)."""
 
 from __future__ import annotations
 
 import argparse
 
-from ..options import SOLVERS as SOLVERS
-from ..options import dtype_from_name as dtype_from_name
-from ..options import kernel_from_name as kernel_from_name
-from ..options import solver_from_name as solver_from_name
-from ..options import stepping_from_args as stepping_from_args
+from ..workflow.build import DTYPES, KERNELS, SOLVERS
 
 
 def add_solver_flags(parser: argparse.ArgumentParser) -> None:
@@ -21,8 +17,15 @@ def add_solver_flags(parser: argparse.ArgumentParser) -> None:
                    help="total fixed steps, a multiple of L (default: L, one per layer)")
     g.add_argument("--rtol", type=float, default=None, help="adaptive steps: relative tolerance")
     g.add_argument("--atol", type=float, default=None, help="adaptive steps: absolute tolerance")
-    g.add_argument("--dtype", default=None, choices=["float32", "float64"],
+    g.add_argument("--dtype", default=None, choices=list(DTYPES),
                    help="floating-point precision (default: float32)")
-    g.add_argument("--kernel", default=None, choices=["dense", "chunked"],
+    g.add_argument("--kernel", default=None, choices=list(KERNELS),
                    help="attention kernel (default: dense)")
-    g.add_argument("--chunk-size", type=int, default=None, help="key chunk of the chunked kernel")
+    g.add_argument("--chunk-size", type=int, default=None,
+                   help="key chunk of the chunked kernel (default 256)")
+
+
+def solver_flags(args: argparse.Namespace) -> dict:
+    """The solver flags as `SolverConfig` fields (`None`: not given)."""
+    return {"name": args.solver, "steps": args.steps, "rtol": args.rtol, "atol": args.atol,
+            "kernel": args.kernel, "chunk_size": args.chunk_size}

@@ -86,14 +86,14 @@ def _report(summary: dict, out=None) -> None:
 def _join(cfg) -> bool:
     """Join the multi-process run of `cfg.distributed` / the MEANFIELD_TF_* environment (if any)
     before anything touches a device; True on the process that reports (process 0)."""
-    from ..distributed import initialize_distributed
+    from ..workflow.processes import initialize_distributed
 
     return initialize_distributed(cfg.distributed).is_main
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from ..run import train
-    from ..train_config import load_train_config
+    from ..workflow.config import load_train_config
+    from ..workflow.training import train
 
     cfg = load_train_config(args.config, args.overrides)
     main = _join(cfg)
@@ -110,9 +110,9 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_resume(args: argparse.Namespace) -> int:
-    from ..config import apply_overrides
-    from ..run import RunDir, train
-    from ..train_config import train_config_from_dict, train_config_to_dict
+    from ..workflow.config import apply_overrides, train_config_from_dict, train_config_to_dict
+    from ..workflow.rundir import RunDir
+    from ..workflow.training import train
 
     rd = RunDir(args.run_dir)
     cfg = rd.read_config()
@@ -130,7 +130,7 @@ def run_resume(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from ..run import evaluate_run
+    from ..workflow.evaluation import evaluate_run
 
     out = evaluate_run(args.run_dir)
     print(f"step {out['step']}: training loss {out['train_loss']:.4e}, gradient norm "

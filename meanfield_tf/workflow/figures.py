@@ -1,13 +1,15 @@
-"""Figures (PNG, matplotlib's Agg backend): token trajectories, losses, particles, spectra.
-
-Top layer: numerics never import this module.
+"""Figures (PNG, matplotlib's Agg backend): token trajectories, losses, particles, NTK spectra,
+and the figures of a training run. Application layer: the numerics never import this module.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import jax
 import numpy as np
+
+from .._training import layer_particles
 
 
 def _pyplot():
@@ -122,3 +124,50 @@ def plot_particles(path, theta0, theta1, *, title: str = "") -> Path:
     ax.legend(loc="best", fontsize=8)
     ax.set_title(title or "head particles")
     return _save(plt, fig, path)
+
+
+def plot_spectra(report: dict, path, tests=("mod_affine", "mod_constants", "hessian", "ntk")) -> Path:
+    """Normalised singular values of every test of an NTK certificate report, with their
+    thresholds (log scale)."""
+    plt = _pyplot()
+    curves = [(name, report[name]) for name in tests]
+    curves += [(f"ntk.{k}", v) for k, v in report["ntk"]["blocks"].items() if k != "A"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    floor = np.finfo(float).eps / 10
+    for j, (name, test) in enumerate(curves):
+        s = np.asarray(test["singular_values"])
+        rel = np.maximum(s / s[0] if s[0] > 0 else np.zeros_like(s), floor)
+        line, = ax.semilogy(np.arange(1, len(s) + 1) + 0.06 * (j - len(curves) / 2), rel, "o-",
+                            label=f"{name} ({'indep.' if test['independent'] else 'dependent'})")
+        ax.axhline(test["threshold"], color=line.get_color(), ls=":", lw=0.8)
+    ax.set_xlabel("singular value index")
+    ax.set_ylabel("sigma_k / sigma_max")
+    ax.set_title("LSE injectivity certificate (dotted: thresholds)")
+    ax.legend(fontsize=7)
+    return _save(plt, fig, path)
+
+
+def write_run_figures(rd, run, heads) -> list[Path]:
+    """The figures of a training run directory `rd`: loss curve, particles of one layer at start
+    and end, token trajectories through the initial and the trained heads."""
+    rows = rd.read_metrics()
+    train_rows = [r for r in rows if r.get("kind") == "train"]
+    eval_rows = [r for r in rows if r.get("kind") == "eval"]
+    paths = [plot_loss(
+        rd.figure_dir / "loss.png", [r["step"] for r in train_rows], [r["loss"] for r in train_rows],
+        eval_steps=[r["step"] for r in eval_rows],
+        test_accuracy=[r.get("test_accuracy") for r in eval_rows],
+        w2=[r["w2"] for r in eval_rows], title=f"{run.cfg.name}: {run.cfg.task.name}")]
+    layer = 0
+    p0 = np.asarray(layer_particles(run.heads0)[layer])
+    p1 = np.asarray(layer_particles(heads)[layer])
+    paths.append(plot_particles(rd.figure_dir / "particles.png", p0, p1,
+                                title=f"layer {layer} head particles (PCA of θ)"))
+    batch = run.task.test_batch() or run.batch(run.data_key, 0)
+    tokens = jax.tree.map(lambda a: a[:4], batch.tokens)
+    for name, h in (("initial", run.heads0), ("trained", heads)):
+        s, xs = run.trajectory(h, tokens)
+        paths.append(plot_trajectories(
+            rd.figure_dir / f"tokens_{name}.png", xs, tokens.w, s,
+            title=f"token trajectories, {name} heads"))
+    return paths

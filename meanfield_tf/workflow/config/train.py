@@ -1,4 +1,4 @@
-"""Configuration of `meanfield-tf train`: strict dataclasses read from YAML (see `config.py`).
+"""Configuration of `meanfield-tf train`: strict dataclasses read from YAML (see `strict.py`).
 
 A training config has the sections
 
@@ -19,25 +19,18 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Optional
 
-from ._errors import ConfigError
-from ._sharding import MeshConfig  # the `mesh:` section (devices for heads x data)
-from .distributed import DistributedConfig  # the `distributed:` section (multi-host runs)
-from .config import (
+from ..._errors import ConfigError
+from .sections import (
+    DistributedConfig,
     HeadsConfig,
+    MeshConfig,
     SolverConfig,
     TokensConfig,
-    apply_overrides,
-    config_to_dict,
-    from_dict,
-    read_yaml,
+    expand_copies,
+    family_specs_check,
 )
-
-
-def _positive(where: str, value, allow_none=False):
-    if value is None and allow_none:
-        return
-    if value is None or value <= 0:
-        raise ConfigError(f"{where} must be > 0, got {value!r}")
+from .sections import positive as _positive
+from .strict import from_dict, load_config, to_dict
 
 
 def _nonneg(where: str, value):
@@ -150,14 +143,12 @@ class DistributionMatchingTask:
     epsilon: float = 0.05
 
     def __post_init__(self):
-        from .config import family_specs_check
-
         _positive("task.target_n", self.target_n)
         _positive("task.epsilon", self.epsilon)
         for i, spec in enumerate(self.targets):
             family_specs_check(spec, f"task.targets[{i}]")
-        n_in = sum(s.get("copies", 1) for s in self.tokens.families)
-        n_out = sum(s.get("copies", 1) for s in self.targets)
+        n_in = len(expand_copies(self.tokens.families))
+        n_out = len(expand_copies(self.targets))
         if n_in != n_out:
             raise ConfigError(
                 f"task.targets describes {n_out} sequences but task.tokens.families {n_in}; "
@@ -187,7 +178,6 @@ def task_from_dict(data) -> Any:
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
 SCHEDULES = ("constant", "cosine", "exponential")
-GRADIENTS = ("autodiff", "backsolve", "explicit")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,7 +192,7 @@ class TrainSection:
 
     Cadence: a metrics line every `log_every` steps, evaluation (W2 distance travelled, test
     metrics) every `eval_every`, a checkpoint every `checkpoint_every` (the last
-    `keep_checkpoints` are kept). `nan_check_every`: how often the loss is checked for NaN/inf.
+    `keep_checkpoints` are kept). The loss is checked for NaN/inf at every step.
     """
 
     steps: int = 400
@@ -230,8 +220,10 @@ class TrainSection:
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"train.schedule must be one of {', '.join(SCHEDULES)}, got "
                               f"{self.schedule!r}")
-        if self.gradient not in GRADIENTS:
-            raise ConfigError(f"train.gradient must be one of {', '.join(GRADIENTS)}, got "
+        from ..build import GRADIENT_METHODS
+
+        if self.gradient not in GRADIENT_METHODS:
+            raise ConfigError(f"train.gradient must be one of {', '.join(GRADIENT_METHODS)}, got "
                               f"{self.gradient!r}")
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"train.momentum must be in [0, 1), got {self.momentum!r}")
@@ -253,9 +245,9 @@ class TrainConfig:
     )
     solver: SolverConfig = dataclasses.field(default_factory=SolverConfig)
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
-    # sharding over devices: `mesh: {heads: H, data: D}` (see meanfield_tf._sharding, docs/scaling.md)
+    # sharding over devices: `mesh: {heads: H, data: D}` (see docs/scaling.md)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
-    # joining a multi-process run (jax.distributed; see meanfield_tf.distributed, docs/scaling.md)
+    # joining a multi-process run (jax.distributed; see docs/scaling.md)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
     def __post_init__(self):
@@ -288,10 +280,9 @@ def task_token_dim(task) -> int | None:
 
 
 def load_train_config(path=None, overrides: list[str] | None = None) -> TrainConfig:
-    """A `TrainConfig` from an optional YAML file plus dotted overrides (`train.steps=200`)."""
-    data = read_yaml(path) if path is not None else {}
-    apply_overrides(data, overrides or [])
-    cfg = from_dict(TrainConfig, data)
+    """A `TrainConfig`: its defaults, an optional YAML file over them, then dotted overrides
+    (`train.steps=200`). `name` defaults to the config file's stem."""
+    cfg = load_config(TrainConfig, path, overrides)
     if cfg.name is None:
         name = Path(path).stem if path is not None else "teacher_student"
         cfg = dataclasses.replace(cfg, name=name)
@@ -300,8 +291,9 @@ def load_train_config(path=None, overrides: list[str] | None = None) -> TrainCon
 
 def train_config_to_dict(cfg: TrainConfig) -> dict:
     """The resolved configuration (plain data; reading it back gives the same config)."""
-    return config_to_dict(cfg)
+    return to_dict(cfg)
 
 
 def train_config_from_dict(data: dict) -> TrainConfig:
+    """A `TrainConfig` from resolved plain data (e.g. a run directory's `config.yaml`)."""
     return from_dict(TrainConfig, data)

@@ -1,6 +1,7 @@
-"""Reading and writing the file formats of the CLI: token, head and target `.npz` files.
+"""The file formats of the command line: token, head and target `.npz` files, atomic writes.
 
 Every reader validates what it loads and raises `InputError` naming the file, the key and the fix.
+Every writer is atomic (temporary file, fsync, rename): a reader sees the old file or the new one.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from ._errors import InputError
-from ._heads import HeadMeasure
-from ._tokens import TokenBatch
+from .._errors import InputError, check_finite, check_shape
+from .._heads import HeadMeasure
+from .._tokens import TokenBatch
 
 
 def _open_npz(path, required: tuple[str, ...], what: str) -> dict[str, np.ndarray]:
@@ -63,8 +64,6 @@ def load_heads(path, dtype=None, interpolation: str = "piecewise") -> HeadMeasur
 
 def load_array(path, key: str, what: str, shape: tuple, dtype) -> jnp.ndarray:
     """One array `key` from an `.npz`, checked against `shape` (`None` matches anything) and finiteness."""
-    from ._errors import check_finite, check_shape
-
     data = _open_npz(path, (key,), what)
     arr = data[key]
     check_shape(f"{what} {key} in {path}", arr, shape)

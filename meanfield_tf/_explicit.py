@@ -1,0 +1,192 @@
+r"""The paper's explicit gradient: backward adjoint dynamics with local and non-local terms.
+
+`Explicit()` computes the forward states, then integrates the adjoint backwards cell by cell with
+the closed forms of `_adjoint.py` — the local term $D_x v^\top \lambda$ and the non-local
+(key/value) term — and reads the gradient off the closed-form field $\nabla_\theta G(s, \theta)$:
+
+- Euler with `FixedSteps(k)`: the exact discrete adjoint of the Euler scheme,
+  $\lambda_j = \lambda_{j+1} + h\,(\partial v/\partial X)(X_j)^\top \lambda_{j+1}$ at the states of
+  the forward pass (equal to `Autodiff()` to rounding);
+- any other solver: the continuous backward ODE, integrated by diffrax with the same solver and
+  stepping, from the stored forward state at every cell end (optimise-then-discretise).
+
+`explicit_adjoint` returns everything it computes (states and adjoints at every cell edge), so
+that `gradient_field` can evaluate $\nabla_\theta G$ at any $\theta$, not only at the particles.
+"""
+
+from __future__ import annotations
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from ._adjoint import adjoint_and_gradient
+from ._depth import CellArgs, cells, integrate_depth, solve_cell
+from ._flow import AttentionField
+from ._gradients import AbstractGradientMethod, check_gradient_inputs, like_heads, nan_if
+from ._heads import HeadMeasure
+from ._risks import AbstractRisk
+from ._solvers import DepthSolver
+from ._tokens import TokenBatch
+
+
+class Explicit(AbstractGradientMethod):
+    r"""The paper's construction: backward adjoint dynamics with local and non-local terms in
+    closed form (`adjoint_velocity`), gradients from the closed-form field (`gradient_field`).
+
+    `nonlocal_term=False` drops the key/value term — for demonstrating that it is needed only;
+    the resulting gradient is wrong.
+    """
+
+    nonlocal_term: bool = eqx.field(static=True, default=True)
+
+    def risk_and_gradient(self, heads, tokens, risk, solver):
+        sol = _explicit(heads, tokens, risk, solver, self.nonlocal_term)
+        return sol.loss, sol.grads
+
+
+class AdjointSolution(eqx.Module):
+    r"""Result of `explicit_adjoint`.
+
+    - `loss`: the risk `()`; `grads`: mean-field gradients (a `HeadMeasure`).
+    - `s`: the cell edges `(L + 1,)`; `states`: forward states $X_{s}$ there `(L + 1, B, n, d)`;
+      `adjoints`: positional adjoints $\lambda_s$ there `(L + 1, B, n, d)`.
+    - `discrete`: `True` for the Euler discrete adjoint. Then, for `FixedSteps(1)`, layer `l`'s
+      gradient field is `gradient_field(states[l], w, adjoints[l + 1], θ)` (Euler pairs the
+      state at the start of a step with the adjoint at its end); otherwise `states[l]` pairs
+      with `adjoints[l]` (both at depth `s[l]`).
+    - `converged`: `False` if any forward or backward cell solve failed (then `loss` and `grads`
+      are NaN).
+    """
+
+    loss: Float[Array, ""]
+    grads: HeadMeasure
+    s: Float[Array, " T"]
+    states: Float[Array, "T B n d"]
+    adjoints: Float[Array, "T B n d"]
+    converged: Array
+    discrete: bool = eqx.field(static=True)
+
+
+def explicit_adjoint(
+    heads: HeadMeasure,
+    tokens: TokenBatch,
+    risk: AbstractRisk,
+    *,
+    solver: DepthSolver = DepthSolver(),
+    nonlocal_term: bool = True,
+) -> AdjointSolution:
+    """The `Explicit()` method with everything it computes: forward states and adjoints at every
+    cell edge (feed them to `gradient_field` to evaluate ∇_θ G at any θ), loss and gradients."""
+    check_gradient_inputs(heads, tokens, risk, Explicit(nonlocal_term), solver)
+    return _explicit(heads, tokens, risk, solver, nonlocal_term)
+
+
+@eqx.filter_jit
+def _explicit(heads, tokens, risk, solver, nonlocal_term):
+    field = AttentionField(solver.kernel)
+    w = tokens.w
+    fwd = integrate_depth(field, tokens.x, heads, solver=solver.ode, stepping=solver.stepping,
+                          extra=w)
+    loss = risk(fwd.y1, w)
+    lam1 = risk.terminal_adjoint(fwd.y1, w)
+    L = heads.num_layers
+    left, right, s0s, s1s = cells(heads)
+    cell_inputs = (fwd.ys[:-1], fwd.ys[1:], left, right, s0s, s1s)
+    piecewise = right is None
+    if solver.finite_transformer:
+        step = _discrete_cell(field, w, L, solver.stepping.steps_per_layer, piecewise,
+                              nonlocal_term)
+    else:
+        step = _continuous_cell(field, w, L, solver, piecewise, nonlocal_term)
+    lam0, (lams, gL, gR, ok) = jax.lax.scan(step, lam1, cell_inputs, reverse=True)
+    if piecewise:
+        grads = gL
+    else:  # node l collects the left-end weight of cell l and the right-end weight of cell l-1
+        grads = jax.tree.map(
+            lambda a, b: jnp.concatenate([a, jnp.zeros_like(a[:1])])
+            + jnp.concatenate([jnp.zeros_like(b[:1]), b]), gL, gR)
+    bad = ~(jnp.all(ok) & jnp.all(fwd.converged))
+    return AdjointSolution(
+        loss=nan_if(bad, loss), grads=like_heads(heads, nan_if(bad, grads)),
+        s=jnp.concatenate([s0s[:1], s1s]), states=fwd.ys,
+        adjoints=jnp.concatenate([lams, lam1[None]]), converged=~bad,
+        discrete=solver.finite_transformer,
+    )
+
+
+def _accumulate(gl, gr, gf, weight, u):
+    """Add `weight (1 - u) gf` to the left-end and `weight u gf` to the right-end gradients."""
+    gl = jax.tree.map(lambda a, g: a + weight * (1 - u) * g, gl, gf)
+    gr = jax.tree.map(lambda a, g: a + weight * u * g, gr, gf)
+    return gl, gr
+
+
+def _discrete_cell(field, w, L, k, piecewise, nonlocal_term):
+    """One cell of the discrete adjoint of `k` Euler steps (scanned over cells in reverse)."""
+
+    def cell(lam, inputs):
+        x0, _, lp, rp, s0, s1 = inputs
+        args = CellArgs(lp, rp, s0, L, w)
+        h = (s1 - s0) / k
+
+        def forward(x, j):  # recompute the k Euler substeps of this cell from the stored X^l
+            return x + h * field(s0 + j * h, x, args), x
+
+        if k == 1:  # the finite transformer: the stored state is the only one
+            xsub = x0[None]
+        else:
+            _, xsub = jax.lax.scan(forward, x0, jnp.arange(k))
+
+        def backward(carry, j):
+            lam, gl, gr = carry
+            s = s0 + j * h
+            # ∂R/∂θ_j = (h/M) ∇G(X_j, λ_{j+1}, θ_j);  λ_j = λ_{j+1} + h (∂v/∂X)(X_j)^T λ_{j+1}
+            adj, gf = adjoint_and_gradient(xsub[j], w, lam, args.params_at(s),
+                                           nonlocal_term=nonlocal_term)
+            u = jnp.zeros((), lam.dtype) if piecewise else (s - s0) * L
+            gl, gr = _accumulate(gl, gr, gf, L * h, u)
+            return (lam + h * adj, gl, gr), None
+
+        zeros = jax.tree.map(jnp.zeros_like, lp)
+        (lam, gl, gr), _ = jax.lax.scan(backward, (lam, zeros, zeros), jnp.arange(k), reverse=True)
+        return lam, (lam, gl, gr, jnp.array(True))
+
+    return cell
+
+
+def _continuous_cell(field, w, L, solver, piecewise, nonlocal_term):
+    r"""One cell of the continuous adjoint: integrate backwards from $s_{l+1}$ to $s_l$
+
+    $$\dot X = v,\quad \dot\lambda = -(\partial v/\partial X)^\top\lambda,\quad
+      \dot g_{\text{left}} = -L(1-u)\nabla_\theta G,\quad
+      \dot g_{\text{right}} = -L u \nabla_\theta G,$$
+
+    starting from the stored forward state $X_{s_{l+1}}$ (so state errors do not accumulate across
+    cells), $u = (s - s_l) L$ (piecewise heads: $u = 0$).
+    """
+
+    def vector_field(s, y, args):
+        x, lam, _, _ = y
+        adj, gf = adjoint_and_gradient(x, args.extra, lam, args.params_at(s),
+                                       nonlocal_term=nonlocal_term)
+        u = jnp.zeros((), x.dtype) if piecewise else (s - args.s0) * L
+        zeros = jax.tree.map(jnp.zeros_like, gf)
+        dgl, dgr = _accumulate(zeros, zeros, gf, -L, u)
+        return field(s, x, args), -adj, dgl, dgr
+
+    term = diffrax.ODETerm(vector_field)
+
+    def cell(lam, inputs):
+        _, x1, lp, rp, s0, s1 = inputs
+        args = CellArgs(lp, rp, s0, L, w)
+        zeros = jax.tree.map(jnp.zeros_like, lp)
+        sol = solve_cell(term, solver.ode, solver.stepping, s1, s0, (x1, lam, zeros, zeros), args,
+                         saveat=diffrax.SaveAt(t1=True))
+        _, lam0, gl, gr = jax.tree.map(lambda a: a[-1], sol.ys)
+        ok = sol.result == diffrax.RESULTS.successful
+        return lam0, (lam0, gl, gr, ok)
+
+    return cell

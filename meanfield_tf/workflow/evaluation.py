@@ -1,0 +1,77 @@
+"""Evaluating a run: the distance travelled by the heads, test metrics, and run summaries.
+
+- `evaluate(run, heads)`: the conditional Wasserstein distance W_{2,c} of `heads` from the run's
+  initial heads (per layer too) and, if the task has a test set, its metrics (`test_loss`,
+  `test_accuracy` for classification);
+- `evaluate_run(path)`: the metrics of a run directory's last checkpoint (`meanfield-tf eval`);
+- `summarize(rd)`: first and last loss and the last evaluation, from `metrics.jsonl`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import equinox as eqx
+import numpy as np
+
+from .._flow import flow
+from .._heads import HeadMeasure
+from .._tasks import evaluate_batch
+from .._training import conditional_w2, set_learning_rate
+from .build import Run
+from .files import atomic_write
+from .rundir import RunDir, load_run
+
+
+def evaluate(run: Run, heads: HeadMeasure) -> dict[str, Any]:
+    """W_{2,c} from the initial heads and the test metrics (if the task has a test set)."""
+    w2, layers = _w2(heads, run.heads0)
+    out = {"w2": float(w2), "w2_layers": [float(v) for v in np.asarray(layers)]}
+    test = run.task.test_batch()
+    if test is not None:
+        for k, v in _test_metrics(run.solver, heads, test).items():
+            out[f"test_{k}"] = float(v)
+    return out
+
+
+@eqx.filter_jit
+def _w2(heads, heads0):
+    return conditional_w2(heads, heads0)
+
+
+@eqx.filter_jit
+def _test_metrics(solver, heads, batch):
+    return evaluate_batch(batch, flow(heads, batch.tokens, solver).x)
+
+
+def evaluate_run(path) -> dict[str, Any]:
+    """Final metrics of a run from its last checkpoint: the training loss (on the batch of the
+    checkpoint's step), the test metrics and the W_{2,c} distance travelled."""
+    rd, run, state = load_run(path)
+    step = int(state.step)
+    batch = run.batch(state.key, step)
+    # the training step with a zero step size: risk and gradient norm at the checkpoint, without
+    # compiling anything new (the learning rate is an injected hyperparameter)
+    _, _, info = run.step(state.heads, set_learning_rate(state.opt_state, 0.0), batch)
+    out = {"step": step, "train_loss": float(info.loss), "grad_norm": float(info.grad_norm),
+           **evaluate(run, state.heads)}
+    text = json.dumps(out, indent=2).encode()
+    atomic_write(rd.path / "eval.json", lambda f: f.write(text))
+    return out
+
+
+def summarize(rd: RunDir) -> dict[str, Any]:
+    """First and last train loss, last evaluation metrics, from `metrics.jsonl`."""
+    rows = rd.read_metrics()
+    train_rows = [r for r in rows if r.get("kind") == "train"]
+    eval_rows = [r for r in rows if r.get("kind") == "eval"]
+    out: dict[str, Any] = {"run_dir": str(rd.path)}
+    if train_rows:
+        out.update(first_loss=train_rows[0]["loss"], loss=train_rows[-1]["loss"],
+                   step=train_rows[-1]["step"] + 1)
+    if eval_rows:
+        out.update({k: v for k, v in eval_rows[-1].items() if k not in ("kind", "w2_layers")})
+        if eval_rows[0].get("test_accuracy") is not None:
+            out["initial_test_accuracy"] = eval_rows[0]["test_accuracy"]
+    return out
