@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 import meanfield_tf as mf
-from meanfield_tf._attention import attention_velocity
+from meanfield_tf import attention_velocity
 
 
 def _loss(x1):

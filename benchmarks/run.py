@@ -13,7 +13,7 @@ For every size and contender it measures, side by side in one process:
   (`benchmarks/roofline.py`, measured at start-up) divided by the median time.
 
 Writes `benchmarks/results/bench-<time>.json` and `.md` and prints the Markdown table, followed
-by the targets of issue #6 (met/missed with the figures).
+by the performance targets (met/missed with the figures).
 """
 
 from __future__ import annotations
@@ -323,7 +323,7 @@ def main(argv=None):
     machine["exp_per_s_end"] = end["exp_per_s"]
     machine["total_s"] = time.time() - t_start
 
-    md = markdown(rows, machine) + "\nTargets (issue #6):\n\n" + targets(rows)
+    md = markdown(rows, machine) + "\nTargets:\n\n" + targets(rows)
     print()
     print(md)
     out = Path(args.out)

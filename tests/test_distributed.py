@@ -130,7 +130,7 @@ def _worker(out_path: str) -> None:
     import numpy as np
 
     import meanfield_tf as mf
-    from meanfield_tf._training import gradient_flow_optimizer, init_optimizer, make_train_step
+    from meanfield_tf import gradient_flow_optimizer, init_optimizer, make_train_step
 
     L, M, d, B, n = 2, 8, 2, 4, 5
     heads = mf.gaussian_heads(jax.random.key(0), L, M, d, dtype=jnp.float64)

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import meanfield_tf as mf
-from meanfield_tf._attention import attention_velocity
+from meanfield_tf import attention_velocity
 
 from conftest import rel_err
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from meanfield_tf._training import TrainingDiverged
+from meanfield_tf import TrainingDiverged
 from meanfield_tf.workflow.build import run as build_run
 from meanfield_tf.workflow.config import load_train_config
 from meanfield_tf.workflow.evaluation import evaluate_run

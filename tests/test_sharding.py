@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 import meanfield_tf as mf
-from meanfield_tf._sharding import make_mesh
+from meanfield_tf import make_mesh
 from meanfield_tf.workflow.config import MeshConfig
 
 RTOL = 1e-12
@@ -213,9 +213,9 @@ def _worker(case: str) -> dict:  # noqa: C901 - one place computing every sharde
 
     jax.config.update("jax_enable_x64", True)
     import meanfield_tf as mf
-    from meanfield_tf._sharding import (gather_to_host, make_mesh, shard_heads, shard_like_heads,
-                                        shard_tokens)
-    from meanfield_tf._training import gradient_flow_optimizer, init_optimizer, make_train_step
+    from meanfield_tf import (gather_to_host, gradient_flow_optimizer, init_optimizer,
+                              make_mesh, make_train_step, shard_heads, shard_like_heads,
+                              shard_tokens)
 
     t_start = time.perf_counter()
 

@@ -11,21 +11,19 @@ import optax
 import pytest
 
 from meanfield_tf import flow
-from meanfield_tf._tasks import (
+from meanfield_tf import (
     Digits,
     InContextRegression,
-    digit_tokens,
-    in_context_regression_batch,
-)
-from meanfield_tf._training import (
     MeanFieldGradient,
     TrainStep,
     conditional_w2,
     gradient_flow_optimizer,
     make_train_step,
     particle_norm,
+    in_context_regression_batch,
     set_learning_rate,
 )
+from meanfield_tf._tasks import digit_tokens
 from meanfield_tf.workflow.build import run as build_run
 from meanfield_tf.workflow.config import load_train_config
 
@@ -219,7 +217,7 @@ def test_digits_short_run_is_above_chance():
     batch_fn = eqx.filter_jit(run.task.train_batch)
     for k in range(cfg.train.steps):
         heads, s, info = run.step(heads, s, batch_fn(run.data_key, jnp.asarray(k)))
-    from meanfield_tf._tasks import evaluate_batch
+    from meanfield_tf import evaluate_batch
 
     test = run.task.test_batch()
     assert test.tokens.x.shape == (450, 65, 13)
