@@ -77,7 +77,7 @@ class TokenBatch(eqx.Module):
     def dim(self) -> int:
         return self.x.shape[2]
 
-    def append_query(self, e: Float[Array, "d"] | Float[Array, "B d"]) -> "TokenBatch":
+    def append_query(self, e: Float[Array, " d"] | Float[Array, "B d"]) -> "TokenBatch":
         """Append a readout query token to every sequence, with weight 0.
 
         `e` is one query `(d,)` shared by every sequence, or one per sequence `(B, d)`. A

@@ -2,7 +2,6 @@
 message names the problem (asserted on a distinctive substring)."""
 
 import diffrax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -11,7 +11,6 @@ Most tests share one problem size so that the jitted flow compiles once per solv
 """
 
 import diffrax
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

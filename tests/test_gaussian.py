@@ -7,7 +7,6 @@ dm/ds = mean_h V_h (m + S A_h^T m), dS/ds = M S + S M^T with M = mean_h V_h S A_
 import diffrax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from conftest import rel_err
 
 import meanfield_tf as mf

@@ -6,9 +6,7 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import equinox as eqx
 import jax
 import numpy as np
 import pytest
@@ -173,3 +171,20 @@ def test_training_time_column_survives_a_learning_rate_change(tmp_path):
         expect = 2.0 * k if k <= 10 else 2.0 * 10 + 0.5 * (k - 10)
         assert abs(taus[k] - expect) < 1e-12, (k, taus[k], expect)
     assert [r["lr"] for r in rows] == [2.0] * 10 + [0.5] * 6
+
+
+def test_lr_column_is_the_scheduled_step_and_time_its_sum(tmp_path):
+    """Under a cosine schedule `lr` is the step actually taken (base rate x schedule factor),
+    `learning_rate` the base rate, and `time` the sum of the steps taken before the row."""
+    import optax
+
+    out = tmp_path / "cos"
+    cfg = load_train_config(None, TINY + ["train.steps=12", "train.schedule=cosine"])
+    train(cfg, out, progress=False, figures=False)
+    rows = [r for r in RunDir(out).read_metrics() if r["kind"] == "train"]
+    shape = optax.cosine_decay_schedule(1.0, 12)
+    want = [2.0 * float(shape(k)) for k in range(12)]
+    assert [r["lr"] for r in rows] == pytest.approx(want, rel=1e-6)
+    assert all(r["learning_rate"] == 2.0 for r in rows)
+    assert [r["time"] for r in rows] == pytest.approx(list(np.cumsum([0.0] + want[:-1])), rel=1e-6)
+    assert rows[-1]["lr"] < 0.1 * rows[0]["lr"]

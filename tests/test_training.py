@@ -1,6 +1,5 @@
 """Training: the gradient flow step, the optimiser, the W2 distance, the tasks."""
 
-import dataclasses
 from pathlib import Path
 
 import equinox as eqx
@@ -10,11 +9,8 @@ import numpy as np
 import optax
 import pytest
 
-from meanfield_tf import flow
 from meanfield_tf import (
-    Digits,
     InContextRegression,
-    MeanFieldGradient,
     TrainStep,
     conditional_w2,
     gradient_flow_optimizer,

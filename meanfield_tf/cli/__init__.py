@@ -36,7 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     from .._errors import MeanFieldError
 
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = ["meanfield-tf", *argv]  # the command as given (recorded in run manifests)
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 0

@@ -36,9 +36,12 @@ def register(sub) -> None:
     r = sub.add_parser(
         "resume",
         help="continue a stopped training run from its last checkpoint",
-        description="Continue a run from its last checkpoint to the configured total steps. "
-        "KEY=VALUE overrides change the stored config (e.g. train.steps=2000 to extend, "
-        "train.learning_rate=0.05: a new step size, no recompilation).",
+        description="Continue a run from its newest intact checkpoint (from step 0 if it stopped "
+        "before its first) to the configured total steps. KEY=VALUE overrides may change only "
+        "how the same experiment continues: train.steps (e.g. 2000 to extend), "
+        "train.learning_rate (no recompilation), the schedule, the log/eval/checkpoint cadence, "
+        "mesh and distributed; anything else is refused as a different experiment. Each resume "
+        "is recorded in manifest.json's history.",
     )
     r.add_argument("run_dir", help="run directory written by `meanfield-tf train`")
     r.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
@@ -99,32 +102,30 @@ def run_train(args: argparse.Namespace) -> int:
     main = _join(cfg)
     out = Path(args.out) if args.out else _default_out(cfg.name)
     if not main:  # several processes: process 0 reports and writes the run directory
-        train(cfg, out, argv=sys.argv, progress=False)
+        train(cfg, out, argv=args.argv, progress=False)
         return 0
     print(f"training {cfg.name} ({cfg.task.name}, L={cfg.heads.layers} x M={cfg.heads.heads} heads, "
           f"d={cfg.heads.dim}, {cfg.train.steps} steps of {cfg.train.optimizer} "
           f"lr={cfg.train.learning_rate}, {cfg.dtype}) -> {out}", flush=True)
-    summary = train(cfg, out, argv=sys.argv, progress=not args.quiet)
+    summary = train(cfg, out, argv=args.argv, progress=not args.quiet)
     _report(summary)
     return 0
 
 
 def run_resume(args: argparse.Namespace) -> int:
-    from ..workflow.config import apply_overrides, train_config_from_dict, train_config_to_dict
+    from ..workflow.config.train import continue_config
     from ..workflow.rundir import RunDir
     from ..workflow.training import train
 
     rd = RunDir(args.run_dir)
-    cfg = rd.read_config()
-    if args.overrides:
-        cfg = train_config_from_dict(apply_overrides(train_config_to_dict(cfg), args.overrides))
+    cfg = continue_config(rd.read_config(), args.overrides)
     if not _join(cfg):  # several processes: process 0 reports and writes the run directory
-        train(cfg, rd.path, resume=True, argv=sys.argv, progress=False)
+        train(cfg, rd.path, resume=True, argv=args.argv, progress=False)
         return 0
     ckpts = rd.checkpoints()
     at = ckpts[-1][0] if ckpts else 0
     print(f"resuming {rd.path} from step {at} to {cfg.train.steps}", flush=True)
-    summary = train(cfg, rd.path, resume=True, argv=sys.argv, progress=not args.quiet)
+    summary = train(cfg, rd.path, resume=True, argv=args.argv, progress=not args.quiet)
     _report(summary)
     return 0
 
@@ -139,5 +140,8 @@ def run_eval(args: argparse.Namespace) -> int:
         print(f"test loss {out['test_loss']:.4e}")
     if "test_accuracy" in out:
         print(f"test accuracy {out['test_accuracy']:.4f}")
-    print(f"wrote {Path(args.run_dir) / 'eval.json'}")
+    if out["written"]:
+        print(f"wrote {out['written']}")
+    else:
+        print(f"{args.run_dir} is read-only: eval.json not written")
     return 0

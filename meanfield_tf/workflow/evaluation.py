@@ -15,6 +15,7 @@ from typing import Any
 import equinox as eqx
 import numpy as np
 
+from .._errors import InputError
 from .._flow import flow
 from .._heads import HeadMeasure
 from .._tasks import evaluate_batch
@@ -57,7 +58,11 @@ def evaluate_run(path) -> dict[str, Any]:
     out = {"step": step, "train_loss": float(info.loss), "grad_norm": float(info.grad_norm),
            **evaluate(run, state.heads)}
     text = json.dumps(out, indent=2).encode()
-    atomic_write(rd.path / "eval.json", lambda f: f.write(text))
+    try:
+        atomic_write(rd.path / "eval.json", lambda f: f.write(text))
+        out["written"] = str(rd.path / "eval.json")
+    except (InputError, OSError):  # a read-only archived run is evaluated all the same
+        out["written"] = None
     return out
 
 

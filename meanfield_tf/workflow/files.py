@@ -75,18 +75,38 @@ def atomic_write(path, write) -> None:
     """Write through `write(file)` into a temporary file beside `path`, fsync it, then rename it
     over `path`: readers see the old file or the new one, never a partial one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    if path.is_dir():
+        raise InputError(f"{str(path)!r} is a directory; give a file name to write")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise InputError(f"cannot write {str(path)!r}: a parent of it is a file; choose another "
+                         f"path") from None
+    except PermissionError:
+        raise InputError(f"cannot write {str(path)!r}: permission denied; choose a writable "
+                         f"path") from None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except PermissionError:
+        raise InputError(f"cannot write {str(path)!r}: its folder is not writable; choose a "
+                         f"writable path") from None
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # the mode of any new file (mkstemp makes it 0600)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_npz_atomic(path, **arrays) -> None:

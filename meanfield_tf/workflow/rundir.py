@@ -6,12 +6,17 @@ A run directory holds
 - `manifest.json`: package versions, devices, seed, git commit (if any), command line, start time;
 - `metrics.jsonl`: one JSON object per line. `"kind": "train"` rows (every `log_every` steps):
   `step` (updates applied so far), `time` (training time t, the sum of step sizes), `loss` (the
-  risk at those parameters), `grad_norm` (the L²(ν) norm of the mean-field gradient), `lr`,
-  `wall_s`. `"kind": "eval"` rows (every `eval_every` steps and at the end): `w2` (the conditional
+  risk at those parameters), `grad_norm` (the L²(ν) norm of the mean-field gradient), `lr`
+  (the step taken: the learning rate times the schedule's factor), `learning_rate` (the base
+  rate of the config), `wall_s`. `"kind": "eval"` rows (every `eval_every` steps and at the end): `w2` (the conditional
   Wasserstein distance W_{2,c} of the heads from their initial measure) and `w2_layers`, test
   metrics (`test_loss`, `test_accuracy` for classification), `wall_s`;
 - `checkpoints/step_XXXXXXXX.eqx`: the training state (step, head particles, optimiser state,
-  PRNG key), written atomically (temporary file + rename), the last `keep_checkpoints` kept;
+  PRNG key), written atomically (temporary file + rename), the last `keep_checkpoints` kept,
+  each with its SHA-256 in `step_XXXXXXXX.eqx.sha256` (written first), verified on load: a
+  damaged checkpoint is skipped, with the reason, for the newest intact one;
+- `.lock`: held (an OS file lock, released when the process ends, even by SIGKILL) by the one
+  process that writes the directory: a second `train`/`resume` on it is refused;
 - `figures/*.png`: loss (log scale), one layer's particles projected to 2-D at start and end,
   token trajectories through the initial and the trained transformer.
 """
@@ -20,16 +25,21 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import fcntl
+import hashlib
+import io
 import json
+import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
 
 import equinox as eqx
 import jax
 import yaml
 
-from .._errors import InputError
+from .._errors import ConfigError, InputError
 from . import build
 from .build import Run, TrainState
 from .config import TrainConfig, train_config_from_dict, train_config_to_dict
@@ -40,6 +50,7 @@ MANIFEST_FILE = "manifest.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 FIGURE_DIR = "figures"
+LOCK_FILE = ".lock"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,16 +87,92 @@ class RunDir:
         text = yaml.safe_dump(train_config_to_dict(cfg), sort_keys=False).encode()
         atomic_write(self.config_path, lambda f: f.write(text))
 
+    def is_run(self) -> bool:
+        """Whether the directory holds a run's config (a run was started here)."""
+        return self.config_path.is_file()
+
     def read_config(self) -> TrainConfig:
-        if not self.config_path.exists():
+        """The run's resolved config. `InputError` if the file is missing, unreadable, not a
+        complete resolved config (a run writes every key), or not plain YAML."""
+        where = str(self.config_path)
+        if not self.config_path.is_file():
             raise InputError(f"{str(self.path)!r} is not a run directory (no {CONFIG_FILE}); give "
                              f"the directory a `meanfield-tf train` run wrote")
-        data = yaml.safe_load(self.config_path.read_text())
-        return train_config_from_dict(data)
+        try:
+            data = yaml.safe_load(self.config_path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise InputError(f"{where} is damaged ({first}); restore it from the run's history "
+                             f"or start a new run") from None
+        missing = [f.name for f in dataclasses.fields(TrainConfig)
+                   if not isinstance(data, dict) or f.name not in data]
+        if missing:
+            raise InputError(f"{where} is not a complete resolved config (missing "
+                             f"{', '.join(missing)}); a run writes every key: restore the file or "
+                             f"start a new run")
+        try:
+            return train_config_from_dict(data)
+        except ConfigError as err:
+            raise InputError(f"{where}: {err}") from None
 
     def write_manifest(self, cfg: TrainConfig, argv: list[str] | None = None) -> None:
         text = json.dumps(manifest(cfg, argv), indent=2).encode()
         atomic_write(self.path / MANIFEST_FILE, lambda f: f.write(text))
+
+    def record_resume(self, argv: list[str] | None, from_step: int, skipped: list[str]) -> None:
+        """Append this resume (time, command, code version, step, skipped checkpoints) to the
+        manifest's `history`."""
+        path = self.path / MANIFEST_FILE
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            data = {}
+        data.setdefault("history", []).append({
+            "resumed": _now(), "command": argv, "from_step": from_step,
+            "git_commit": _git_commit(), "version": _version("meanfield_tf"),
+            "skipped_checkpoints": skipped,
+        })
+        text = json.dumps(data, indent=2).encode()
+        atomic_write(path, lambda f: f.write(text))
+
+    # -- the writer's lock --------------------------------------------------------------------
+    def lock(self) -> None:
+        """Become the one process that writes this directory (until this process ends).
+
+        An OS lock (`flock`) on `.lock`: the kernel releases it when the process exits, however
+        it exits, so a killed run never leaves a stale lock. Raises `InputError` if another
+        process holds it.
+        """
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise InputError(f"run directory {str(self.path)!r} is in use by another meanfield-tf "
+                             f"process (pid {holder}); wait for it to finish, or use another "
+                             f"--out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd  # kept open: the lock lives until `unlock` or the process's end
+
+    def unlock(self) -> None:
+        """Release the writer's lock taken by `lock` (no-op without one)."""
+        fd = getattr(self, "_lock_fd", None)
+        if fd is not None:
+            os.close(fd)  # closing the descriptor releases the flock
+            self._lock_fd = None
+
+    def clean_temporaries(self) -> list[Path]:
+        """Remove the temporary files of interrupted atomic writes (call with the lock held)."""
+        gone = []
+        for folder in (self.path, self.checkpoint_dir):
+            if folder.is_dir():
+                for p in folder.glob(".*.tmp"):
+                    p.unlink(missing_ok=True)
+                    gone.append(p)
+        return gone
 
     # -- metrics ------------------------------------------------------------------------------
     def append_metrics(self, row: dict) -> None:
@@ -94,14 +181,20 @@ class RunDir:
             f.flush()
 
     def read_metrics(self) -> list[dict]:
+        """Every complete metrics row (a line cut by a kill, or without a step, is skipped)."""
         if not self.metrics_path.exists():
             return []
+        if not self.metrics_path.is_file():
+            raise InputError(f"{str(self.metrics_path)!r} is not a file; remove it or restore "
+                             f"the run's metrics")
         rows = []
-        for line in self.metrics_path.read_text().splitlines():
+        for line in self.metrics_path.read_text(errors="replace").splitlines():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:  # a line cut by a kill
                 continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                rows.append(row)
         return rows
 
     def truncate_metrics(self, step: int) -> None:
@@ -113,8 +206,8 @@ class RunDir:
 
     # -- checkpoints --------------------------------------------------------------------------
     def checkpoints(self) -> list[tuple[int, Path]]:
-        """`(step, path)` of every complete checkpoint, oldest first."""
-        if not self.checkpoint_dir.exists():
+        """`(step, path)` of every checkpoint file, oldest first (not yet verified)."""
+        if not self.checkpoint_dir.is_dir():
             return []
         out = []
         for p in self.checkpoint_dir.glob("step_*.eqx"):
@@ -125,18 +218,63 @@ class RunDir:
         return sorted(out)
 
     def save_checkpoint(self, state: TrainState, keep: int) -> Path:
+        """Write `state` atomically with its checksum (checksum first), keep the last `keep`."""
         step = int(state.step)
         path = self.checkpoint_dir / f"step_{step:08d}.eqx"
-        atomic_write(path, lambda f: eqx.tree_serialise_leaves(f, state))
+        buf = io.BytesIO()
+        eqx.tree_serialise_leaves(buf, state)
+        data = buf.getvalue()
+        digest = hashlib.sha256(data).hexdigest().encode()
+        atomic_write(_checksum_path(path), lambda f: f.write(digest))
+        atomic_write(path, lambda f: f.write(data))
         for _, old in self.checkpoints()[:-keep]:
             old.unlink(missing_ok=True)
+            _checksum_path(old).unlink(missing_ok=True)
         return path
 
-    def load_checkpoint(self, like: TrainState) -> TrainState:
-        ckpts = self.checkpoints()
-        if not ckpts:
-            raise InputError(f"run directory {str(self.path)!r} has no checkpoint to resume from")
-        return eqx.tree_deserialise_leaves(ckpts[-1][1], like)
+    def load_checkpoint(self, like: TrainState, *, report=None) -> TrainState:
+        """The newest intact checkpoint (checksum verified, readable), skipping damaged ones with
+        a line each to `report` (default: stderr). `InputError` if none is intact."""
+        state, skipped = self.load_newest(like)
+        for line in skipped:
+            print(f"warning: {line}", file=report or sys.stderr)
+        if state is None:
+            raise InputError(f"run directory {str(self.path)!r} has no intact checkpoint to "
+                             f"resume from" + (f" ({'; '.join(skipped)})" if skipped else ""))
+        return state
+
+    def load_newest(self, like: TrainState) -> tuple[TrainState | None, list[str]]:
+        """`(state or None, reasons)`: the newest checkpoint that passes its checksum and loads,
+        and one line per newer checkpoint that was skipped, saying why."""
+        skipped = []
+        for step, path in reversed(self.checkpoints()):
+            try:
+                data = path.read_bytes()
+                check = _checksum_path(path)
+                if check.exists() and check.read_text().strip() != hashlib.sha256(data).hexdigest():
+                    raise ValueError("checksum mismatch")
+                return eqx.tree_deserialise_leaves(io.BytesIO(data), like), skipped
+            except Exception as err:  # damaged: truncated, emptied, garbage, bad checksum
+                reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                skipped.append(f"skipped damaged checkpoint {path.name} (step {step}: {reason})")
+        return None, skipped
+
+
+def _checksum_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _version(pkg: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def _git_commit() -> str | None:
@@ -155,15 +293,9 @@ def _git_commit() -> str | None:
 
 def manifest(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
     """Versions, devices (all processes), process count, seed, git commit and command line."""
-    from importlib import metadata
-
-    versions = {}
-    for pkg in ("meanfield_tf", "jax", "jaxlib", "equinox", "diffrax", "optax", "ott-jax", "numpy",
-                "scikit-learn"):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = None
+    versions = {pkg: _version(pkg) for pkg in ("meanfield_tf", "jax", "jaxlib", "equinox",
+                                                "diffrax", "optax", "ott-jax", "numpy",
+                                                "scikit-learn")}
     return {
         "versions": versions,
         "python": platform.python_version(),
@@ -176,7 +308,8 @@ def manifest(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
         "seed": cfg.seed,
         "git_commit": _git_commit(),
         "command": argv,
-        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "started": _now(),
+        "history": [],
     }
 
 

@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._errors import InputError
+from .._errors import InputError, SolverError
+from .._flow import flow
 from .._sharding import gather_to_host
 from .._training import TrainingDiverged, TrainStep, set_learning_rate
 from . import build
@@ -38,6 +39,7 @@ from .build import Run, TrainState
 from .config import TrainConfig
 from .evaluation import evaluate, summarize
 from .figures import write_run_figures
+from .files import atomic_write
 from .processes import agree, barrier, run_mesh, shard_run_batch, shard_state
 from .progress import Progress
 from .rundir import RunDir
@@ -47,56 +49,105 @@ def train(cfg: TrainConfig, out, *, resume: bool = False, argv: list[str] | None
           progress: bool = True, figures: bool = True) -> dict[str, Any]:
     """Run (or resume) the training `cfg` describes in the run directory `out`.
 
+    A new run needs `out` new or empty; a resumed run continues from its newest intact
+    checkpoint (from step 0 when it stopped before its first one). The process that writes `out`
+    holds its lock for the whole call: a second writer is refused.
+
     **Returns:** a summary dict (final step, loss, first loss, evaluation metrics, paths, and
     `traces`: how many times the training step was compiled during this call). Raises
-    `TrainingDiverged` if the loss or the parameters become non-finite: the run stops, the last
-    good checkpoint stays as it was.
+    `TrainingDiverged` if the loss or the parameters become non-finite or the loss exceeds
+    `train.divergence_factor` times its best value: the run stops, the last checkpoint stays
+    as it was (and a resume's config is restored), and `SolverError` if a depth solve fails.
     """
     main = jax.process_index() == 0  # the only process that writes the run directory
     rd = RunDir(out)
-    run = build.run(cfg)
-    traces_before = TrainStep.num_traces()
-    state = _open(rd, run, resume, argv, main)
-    loop = _Loop(rd, run, state, resume, main)
-    bar = Progress(loop.start, cfg.train.steps) if progress and main else None
+    if not resume:
+        problem = _not_a_new_run(rd) if main else None
+        if agree(problem is not None):  # process 0's verdict, so that every process stops together
+            raise InputError(problem or f"run directory {str(rd.path)!r} cannot take a new run")
+    if main:
+        rd.lock()  # before anything slow: a second writer is refused at once
     try:
-        for step in range(loop.start, cfg.train.steps):
-            loop.step(step, bar)
+        previous_config = rd.config_path.read_bytes() if resume and main and rd.is_run() else None
+        run = build.run(cfg)
+        traces_before = TrainStep.num_traces()
+        state = _open(rd, run, resume, argv, main)
+        loop = _Loop(rd, run, state, resume, main)
+        _steps(loop, progress and main, previous_config)
+        final_heads = gather_to_host(loop.heads)  # every process (a collective)
+        if figures and main:
+            _draw(rd, run, final_heads)
+        barrier("end")  # the run directory is complete before any process returns
     finally:
-        if bar is not None:
-            bar.close()
-    final_heads = gather_to_host(loop.heads)  # every process (a collective)
-    if figures and main:
-        _draw(rd, run, final_heads)
-    barrier("end")  # the run directory is complete before any process returns
+        rd.unlock()
     summary = summarize(rd)
     summary["traces"] = TrainStep.num_traces() - traces_before
     return summary
 
 
+def _steps(loop: "_Loop", progress: bool, previous_config: bytes | None) -> None:
+    """Every remaining step; on divergence a resume's previous config is put back."""
+    total = loop.run.cfg.train.steps
+    bar = Progress(loop.start, total) if progress else None
+    try:
+        for step in range(loop.start, total):
+            loop.step(step, bar)
+        loop.finish()
+    except TrainingDiverged:
+        if previous_config is not None:  # keep the config of the last good state
+            atomic_write(loop.rd.config_path, lambda f: f.write(previous_config))
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+
+
 def _open(rd: RunDir, run: Run, resume: bool, argv, main: bool) -> TrainState:
-    """The state to start from: a new run directory at step 0, or the last checkpoint."""
+    """The state to start from: a new run directory at step 0, or the newest intact checkpoint
+    of a resumed one (step 0 if there is none)."""
     cfg = run.cfg
     state = run.initial_state()
     if resume:
-        state = rd.load_checkpoint(state)  # on every process
-        state = eqx.tree_at(lambda s: s.opt_state, state,
-                            set_learning_rate(state.opt_state, cfg.train.learning_rate))
+        rd.read_metrics()  # a damaged metrics file is reported before anything changes
+        if main:
+            rd.clean_temporaries()
+        resumed, skipped = rd.load_newest(state)  # on every process
+        for line in skipped:
+            print(f"warning: {line}", file=sys.stderr)
+        if resumed is None:
+            print(f"note: {rd.path} has no intact checkpoint; the run restarts from step 0 with "
+                  f"its config", file=sys.stderr)
+        else:
+            state = eqx.tree_at(lambda s: s.opt_state, resumed,
+                                set_learning_rate(resumed.opt_state, cfg.train.learning_rate))
         if main:
             rd.truncate_metrics(int(state.step))
             rd.write_config(cfg)
+            rd.record_resume(argv, int(state.step), skipped)
         return state
-    taken = False
-    if main:
-        rd.path.mkdir(parents=True, exist_ok=True)
-        taken = bool(rd.checkpoints() or rd.metrics_path.exists())
-    if agree(taken):  # process 0's verdict, so that every process stops together
-        raise InputError(f"run directory {str(rd.path)!r} already holds a run; resume it with "
-                         f"`meanfield-tf resume {rd.path}` or choose another --out")
     if main:
         rd.write_config(cfg)
         rd.write_manifest(cfg, argv)
     return state
+
+
+def _not_a_new_run(rd: RunDir) -> str | None:
+    """Why `rd` cannot take a new run (`None` when it can: new, or an empty directory)."""
+    path = rd.path
+    if path.exists() and not path.is_dir():
+        return f"--out {str(path)!r} is a file; give a new or empty directory"
+    if not path.exists() or not [p for p in path.iterdir() if p.name != ".lock"]:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            return f"cannot create run directory {str(path)!r} ({err.strerror}); choose another --out"
+        return None
+    if rd.is_run():
+        return (f"run directory {str(path)!r} already holds a run; resume it with "
+                f"`meanfield-tf resume {path}` (it restarts from step 0 when no checkpoint was "
+                f"written) or choose another --out")
+    return (f"--out {str(path)!r} is a non-empty directory that holds no run; give a new or "
+            f"empty directory so that nothing in it is overwritten")
 
 
 class _Loop:
@@ -113,6 +164,11 @@ class _Loop:
         self.t_wall = time.perf_counter()
         self.prior_wall = _prior_wall(rd) if resume and main else 0.0
         self.tau = _training_time_at(rd, self.start, run.optimizer) if resume and main else 0.0
+        # the best loss so far (every process reads it: a resume needs a shared file system)
+        losses = [r["loss"] for r in rd.read_metrics() if r.get("kind") == "train"
+                  and r["step"] < self.start and np.isfinite(r.get("loss", np.nan))] if resume else []
+        self.best = min(losses, default=np.inf)
+        self.pending: TrainState | None = None  # a checkpoint waiting for its loss to be checked
         ckpts = rd.checkpoints()
         self.last_ckpt = ckpts[-1][0] if ckpts else None
         if self.start == 0:
@@ -129,15 +185,19 @@ class _Loop:
         batch = self.run.batch(self.key, step)
         if self.mesh is not None:
             batch = shard_run_batch(batch, self.run.cfg.mesh, self.mesh)
+        before = self.heads
         self.heads, self.opt_state, info = self.run.step(self.heads, self.opt_state, batch)
         loss, gnorm = float(info.loss), float(info.grad_norm)
-        self._check_finite(step, loss, gnorm)
-        lr = float(self.opt_state.hyperparams["learning_rate"])
+        self._check(step, loss, gnorm, before, batch)  # the loss at `before`: the pending state's
+        self._write_pending()
+        base = float(self.opt_state.hyperparams["learning_rate"])
+        lr = base * self.run.optimizer.factor(step)  # the step actually taken (schedule applied)
         done = step + 1
         if self.main and (step % tc.log_every == 0 or done == tc.steps):
             self.rd.append_metrics({"kind": "train", "step": step, "time": self.tau, "loss": loss,
-                                    "grad_norm": gnorm, "lr": lr, "wall_s": self.wall()})
-        self.tau += lr * self.run.optimizer.factor(step)  # training time after this step
+                                    "grad_norm": gnorm, "lr": lr, "learning_rate": base,
+                                    "wall_s": self.wall()})
+        self.tau += lr  # training time after this step
         if bar is not None:
             bar.update(done, loss)
         if done % tc.eval_every == 0 or done == tc.steps:
@@ -145,18 +205,45 @@ class _Loop:
             if self.main:
                 self.rd.append_metrics({**row, "wall_s": self.wall()})
         if done % tc.checkpoint_every == 0 or done == tc.steps:
-            self._checkpoint(done)
+            self._hold_checkpoint(done)
 
-    def _check_finite(self, step: int, loss: float, gnorm: float) -> None:
+    def finish(self) -> None:
+        """Check the loss at the final state (a zero-size step: nothing recompiles) and write its
+        pending checkpoint."""
+        if self.pending is None:
+            return
+        done = int(self.pending.step)
+        batch = self.run.batch(self.key, done)
+        if self.mesh is not None:
+            batch = shard_run_batch(batch, self.run.cfg.mesh, self.mesh)
+        _, _, info = self.run.step(self.heads, set_learning_rate(self.opt_state, 0.0), batch)
+        self._check(done, float(info.loss), float(info.grad_norm), self.heads, batch)
+        self._write_pending()
+
+    def _check(self, step: int, loss: float, gnorm: float, heads, batch) -> None:
+        """Stop on a failed depth solve, a non-finite loss, or a loss past the divergence bound."""
+        where = (f"the last good checkpoint (step {self.last_ckpt}) is in "
+                 f"{self.rd.checkpoint_dir}" if self.last_ckpt is not None
+                 else "no checkpoint was written")
         if not (np.isfinite(loss) and np.isfinite(gnorm)):
-            where = (f"the last good checkpoint (step {self.last_ckpt}) is in "
-                     f"{self.rd.checkpoint_dir}" if self.last_ckpt is not None
-                     else "no checkpoint was written")
+            try:  # a failed adaptive solve also makes the loss NaN: name it if it is the cause
+                flow(heads, batch.tokens, self.run.solver).check()
+            except SolverError as err:
+                raise SolverError(f"at training step {step}, {err}; {where}") from None
             raise TrainingDiverged(
                 f"the loss became {loss} (gradient norm {gnorm}) at step {step}; {where}; "
                 f"lower train.learning_rate or the head scales")
+        bound = self.run.cfg.train.divergence_factor
+        if loss > bound * self.best:
+            raise TrainingDiverged(
+                f"the loss grew to {loss:.4g} at step {step}, more than "
+                f"train.divergence_factor={bound:g} times its best value {self.best:.4g}; {where}; "
+                f"lower train.learning_rate")
+        self.best = min(self.best, loss)
 
-    def _checkpoint(self, done: int) -> None:
+    def _hold_checkpoint(self, done: int) -> None:
+        """Gather the state after `done` updates; it is written once the loss at it passes the
+        checks (at the next step, or in `finish`), so that a checkpoint is always a good one."""
         # the whole state on every host (a collective when it spans several processes)
         host = gather_to_host(TrainState(jnp.asarray(done, self.step_dtype), self.heads,
                                          self.opt_state, self.key))
@@ -165,10 +252,16 @@ class _Loop:
                 f"the head parameters became non-finite at step {done}; the last good "
                 f"checkpoint (step {self.last_ckpt}) is in {self.rd.checkpoint_dir}; lower "
                 f"train.learning_rate")
+        self.pending = host
+
+    def _write_pending(self) -> None:
+        if self.pending is None:
+            return
+        done = int(self.pending.step)
         if self.main:
-            self.rd.save_checkpoint(host, self.run.cfg.train.keep_checkpoints)
+            self.rd.save_checkpoint(self.pending, self.run.cfg.train.keep_checkpoints)
         barrier(f"checkpoint {done}")  # no process runs ahead of the written checkpoint
-        self.last_ckpt = done
+        self.last_ckpt, self.pending = done, None
 
 
 def _draw(rd: RunDir, run: Run, heads) -> None:
@@ -182,8 +275,8 @@ def _draw(rd: RunDir, run: Run, heads) -> None:
 def _training_time_at(rd: RunDir, start: int, optimizer) -> float:
     """Training time τ = Σ_{j<start} lr_j · shape(j) of a run resumed at step `start`.
 
-    Continues from the last logged training row before `start` with that row's learning rate
-    (the rate only changes at a resume), so the `time` column stays right across resumes that
+    Continues from the last logged training row before `start` with that row's base learning
+    rate (it only changes at a resume), so the `time` column stays right across resumes that
     change `train.learning_rate`.
     """
     rows = [r for r in rd.read_metrics() if r.get("kind") == "train" and r["step"] < start
@@ -192,7 +285,8 @@ def _training_time_at(rd: RunDir, start: int, optimizer) -> float:
         return 0.0
     last = max(rows, key=lambda r: r["step"])
     factors = (optimizer.factor(j) for j in range(last["step"], start))
-    return float(last["time"]) + float(last["lr"]) * sum(factors)
+    base = last.get("learning_rate", last["lr"])  # rows of older runs hold the base rate in lr
+    return float(last["time"]) + float(base) * sum(factors)
 
 
 def _prior_wall(rd: RunDir) -> float:

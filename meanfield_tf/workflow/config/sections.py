@@ -10,6 +10,7 @@ multi-process run), and the whole configs of `meanfield-tf simulate` (`SimulateC
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Mapping, Optional
 
@@ -17,11 +18,17 @@ from ..._errors import ConfigError
 
 
 def positive(where: str, value, allow_none=False):
-    """Raise `ConfigError` unless `value > 0` (or `None` when allowed)."""
+    """Raise `ConfigError` unless `value` is finite and `> 0` (or `None` when allowed)."""
     if value is None and allow_none:
         return
-    if value is None or value <= 0:
-        raise ConfigError(f"{where} must be > 0, got {value!r}")
+    if value is None or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{where} must be a finite number > 0, got {value!r}")
+
+
+def check_seed(value) -> None:
+    """Raise `ConfigError` unless `value` is a PRNG seed (an integer in [0, 2^32))."""
+    if not 0 <= value < 2**32:
+        raise ConfigError(f"seed must be an integer in [0, 2^32), got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,6 +174,7 @@ class SimulateConfig:
     num_saves: Optional[int] = None  # save at this many uniform depths (default: every layer edge)
 
     def __post_init__(self):
+        check_seed(self.seed)
         if self.dtype not in ("float32", "float64"):
             raise ConfigError(f"dtype must be float32 or float64, got {self.dtype!r}")
         positive("num_saves", self.num_saves, allow_none=True)

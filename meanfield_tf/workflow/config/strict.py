@@ -124,7 +124,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as err:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({err})") from None
+        first = str(err).strip().splitlines()[0] if str(err).strip() else "parse error"
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({first}); quote it "
+                          f"or fix its syntax") from None
+    check_size(value, f"override {text!r}")
     return path, value
 
 
@@ -165,16 +168,44 @@ def merge(base: dict, data: dict) -> dict:
     return out
 
 
+MAX_NODES = 100_000
+
+
+def check_size(data, where: str) -> None:
+    """Raise `ConfigError` if `data` (as loaded from YAML) is recursive (an alias to itself) or
+    expands to more than `MAX_NODES` values (an alias bomb)."""
+    count = 0
+    stack = [(data, ())]
+    while stack:
+        node, ancestors = stack.pop()
+        count += 1
+        if count > MAX_NODES:
+            raise ConfigError(f"{where} expands to more than {MAX_NODES} values (nested YAML "
+                              f"aliases?); write the values out")
+        if isinstance(node, (dict, list)):
+            if id(node) in ancestors:
+                raise ConfigError(f"{where} is recursive (a YAML alias refers to itself); "
+                                  f"remove the alias")
+            children = node.values() if isinstance(node, dict) else node
+            inner = ancestors + (id(node),)
+            stack.extend((c, inner) for c in children)
+
+
 def read_yaml(path) -> dict:
     """The mapping in a YAML file (`{}` for an empty file); `ConfigError` if it is not one."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {str(path)!r} does not exist")
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} is not a file; give a YAML file")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text; save it as UTF-8") from None
     except yaml.YAMLError as err:
         first = str(err).splitlines()[0] if str(err) else "parse error"
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {first}") from None
+    check_size(data, f"config file {str(path)!r}")
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -29,6 +29,7 @@ from .sections import (
     expand_copies,
     family_specs_check,
 )
+from .sections import check_seed
 from .sections import positive as _positive
 from .strict import from_dict, load_config, to_dict
 
@@ -192,7 +193,9 @@ class TrainSection:
 
     Cadence: a metrics line every `log_every` steps, evaluation (W2 distance travelled, test
     metrics) every `eval_every`, a checkpoint every `checkpoint_every` (the last
-    `keep_checkpoints` are kept). The loss is checked for NaN/inf at every step.
+    `keep_checkpoints` are kept). The loss is checked at every step: the run stops as diverged
+    when it is NaN/inf or exceeds `divergence_factor` times the best loss so far, so that the
+    last checkpoint is always a good one.
     """
 
     steps: int = 400
@@ -207,12 +210,17 @@ class TrainSection:
     eval_every: int = 100
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
+    divergence_factor: float = 1e4
 
     def __post_init__(self):
         _positive("train.steps", self.steps)
         _positive("train.learning_rate", self.learning_rate)
         for k in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
             _positive(f"train.{k}", getattr(self, k))
+        _positive("train.divergence_factor", self.divergence_factor)
+        if self.divergence_factor <= 1:
+            raise ConfigError(f"train.divergence_factor must be > 1 (a bound over the best loss), "
+                              f"got {self.divergence_factor!r}")
         _nonneg("train.warmup_steps", self.warmup_steps)
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got "
@@ -251,8 +259,13 @@ class TrainConfig:
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
     def __post_init__(self):
-        if isinstance(self.task, dict):
+        if not isinstance(self.task, tuple(TASKS.values())):
             object.__setattr__(self, "task", task_from_dict(self.task))
+        check_seed(self.seed)
+        if self.name is not None and (not self.name or "/" in self.name or "\\" in self.name
+                                      or self.name in (".", "..")):
+            raise ConfigError(f"name {self.name!r} must be a plain run name (no '/', not '..'): "
+                              f"it names the run directory under runs/")
         if self.dtype not in ("float32", "float64"):
             raise ConfigError(f"dtype must be float32 or float64, got {self.dtype!r}")
         want = task_token_dim(self.task)
@@ -297,3 +310,35 @@ def train_config_to_dict(cfg: TrainConfig) -> dict:
 def train_config_from_dict(data: dict) -> TrainConfig:
     """A `TrainConfig` from resolved plain data (e.g. a run directory's `config.yaml`)."""
     return from_dict(TrainConfig, data)
+
+
+# The settings a resume may change: they continue the same experiment (its length, step size and
+# schedule, cadence, and where it runs). Any other change makes a different experiment.
+CONTINUATION = ("train.steps", "train.learning_rate", "train.schedule", "train.warmup_steps",
+                "train.decay_rate", "train.log_every", "train.eval_every",
+                "train.checkpoint_every", "train.keep_checkpoints", "train.divergence_factor",
+                "mesh.", "distributed.")
+
+
+def _leaves(data, prefix=""):
+    if isinstance(data, dict):
+        for k, v in data.items():
+            yield from _leaves(v, f"{prefix}{k}.")
+    else:
+        yield prefix[:-1], data
+
+
+def continue_config(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """The config of a resumed run: `cfg` with `overrides`, which may change only the
+    continuation settings (`CONTINUATION`); any other change is refused naming the key."""
+    from .strict import apply_overrides
+
+    new = train_config_from_dict(apply_overrides(train_config_to_dict(cfg), overrides))
+    old = dict(_leaves(to_dict(cfg)))
+    for key, value in _leaves(to_dict(new)):
+        if old.get(key, value) != value and not key.startswith(CONTINUATION) and \
+                key not in [c.rstrip(".") for c in CONTINUATION]:
+            raise ConfigError(
+                f"resume cannot change {key} ({old[key]!r} -> {value!r}): that makes a different "
+                f"experiment; start a new run (meanfield-tf train --config ... {key}=...)")
+    return new
