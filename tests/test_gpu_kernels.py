@@ -210,3 +210,15 @@ def test_tf32_is_float32_on_cpu():
         pytest.skip("TF32 differs from float32 on GPUs")
     args = as32(sequence(10))
     assert rel_err(CudnnKernel(precision=TF32)(*args), CudnnKernel()(*args)) == 0.0
+
+
+@pytest.mark.parametrize("policy", ["float32", "tf32", "bf16"])
+def test_pallas_kernel_lowers_to_triton_for_cuda(policy):
+    # Lowering for the CUDA platform runs the Pallas -> Triton IR translation on any machine:
+    # the compiled (non-interpret) kernels, forward and backward, at a ragged size.
+    kernel = PallasKernel(interpret=False, precision=precision_from_name(policy))
+    x, w, A, V = as32(sequence(11, n=40, d=5, m_heads=3))
+    loss = lambda x, w, A, V: jnp.sum(kernel(x, w, A, V) ** 2)
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+    text = grad.trace(x, w, A, V).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 3  # forward, query-gradient and key-gradient kernels
