@@ -16,7 +16,9 @@ Which implementation runs (`implementation=None`): cuDNN when the default backen
 the precision policy rounds operands to bfloat16 (cuDNN's fused attention takes only 16-bit
 and 8-bit floats), XLA otherwise. `"xla"` / `"cudnn"` force one. cuDNN needs the bias at its full
 `(B, 1, n, n)` shape (one per sequence, not per head): memory quadratic in `n`, and its gradient
-is materialised at that shape too; padding there is `-2^40` (cuDNN mishandles `-inf`).
+is materialised at that shape too; padding there is `-2^40` (cuDNN mishandles `-inf`). cuDNN
+also needs a head dim that is a multiple of 8 and, for the gradient with a bias, an even `n`: the
+kernel pads the features with zeros and adds one zero-weight token when needed (both exact).
 
 `jax.nn.dot_product_attention` computes its softmax in float32 even for float64 inputs: this
 kernel is never a float64 reference; its accuracy is that of float32 (or of the policy).
@@ -90,7 +92,7 @@ class CudnnKernel(eqx.Module):
         V: Float[Array, "M d d"],
     ) -> Float[Array, "B n d"]:
         """The velocity of every token of `B` sequences (one attention call over the batch)."""
-        B, n, _ = x.shape
+        B, n, d = x.shape
         m_heads = A.shape[0]
         acc = Precision.accumulate_dtype(x.dtype)
         op = self.precision.operand_dtype(x.dtype)
@@ -101,8 +103,14 @@ class CudnnKernel(eqx.Module):
         kv = x[:, :, None, :]
         lw = log_weights(w)
         if impl == "cudnn":
-            lw = jnp.where(w > 0, lw, _CUDNN_PAD)
-            bias = jnp.broadcast_to(lw[:, None, None, :], (B, 1, n, n)).astype(op)
+            # cuDNN's shapes: a head dim that is a multiple of 8, an even sequence length (with a
+            # bias, for the gradient). Zero features change no score and no value; an extra token
+            # of weight 0 is exact padding as a key, and its own (query) row is dropped.
+            d_pad, n_pad = -d % 8, n % 2
+            q = jnp.pad(q, ((0, 0), (0, n_pad), (0, 0), (0, d_pad)))
+            kv = jnp.pad(kv, ((0, 0), (0, n_pad), (0, 0), (0, d_pad)))
+            lw = jnp.pad(jnp.where(w > 0, lw, _CUDNN_PAD), ((0, 0), (0, n_pad)), constant_values=_CUDNN_PAD)
+            bias = jnp.broadcast_to(lw[:, None, None, :], (B, 1, n + n_pad, n + n_pad)).astype(op)
         else:
             bias = lw[:, None, None, :].astype(acc)
         matmul = "tensorfloat32" if self.precision.matmul == "tf32" else "highest"
@@ -111,5 +119,6 @@ class CudnnKernel(eqx.Module):
                 q.astype(op), kv.astype(op), kv.astype(op),
                 bias=bias, scale=1.0, implementation=impl,
             )
-        v = jnp.einsum("bnmd,med->bne", y.astype(acc), V.astype(acc), precision=hi) / m_heads
+        y = y[:, :n, :, :d].astype(acc)
+        v = jnp.einsum("bnmd,med->bne", y, V.astype(acc), precision=hi) / m_heads
         return v.astype(x.dtype)

@@ -97,6 +97,21 @@ def test_cudnn_kernel_batch_is_per_sequence():
         assert rel_err(batched[b], kernel(x[b], w[b], A, V)) <= FLOOR_ULPS * EPS32
 
 
+def test_cudnn_branch_layout_and_padding_on_xla(monkeypatch):
+    # The cuDNN branch pads the head dim to a multiple of 8 and n to even, and writes padding as
+    # a finite -2^40 bias at full (B, 1, n, n) shape. Run that branch with the XLA implementation
+    # underneath (cuDNN itself needs a GPU): the layout and the padding must be exact.
+    real = jax.nn.dot_product_attention
+
+    def xla_checking_shapes(q, k, v, *, implementation, **kw):
+        assert implementation == "cudnn" and q.shape[-1] % 8 == 0 and q.shape[1] % 2 == 0
+        assert kw["bias"].shape == (q.shape[0], 1, q.shape[1], q.shape[1])
+        return real(q, k, v, implementation="xla", **kw)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", xla_checking_shapes)
+    check_float32(CudnnKernel(implementation="cudnn"), sequence(12))  # n = 19, d = 3
+
+
 def test_cudnn_kernel_picks_xla_on_cpu_and_rejects_bad_fields():
     assert CudnnKernel().resolved_implementation(jnp.float32) == "xla"
     assert CudnnKernel(precision=BF16).resolved_implementation(jnp.float32) == (
