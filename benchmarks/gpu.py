@@ -232,8 +232,11 @@ def torch_peer(size, args, prec, what, budget_s, max_reps, peaks, device):
 
         def vel(x, A_l, V_l):
             q = torch.einsum("bnd,mde->bmne", x, A_l).to(dt)
-            kv = x[:, None].to(dt)  # one key/value head shared by the M query heads
-            y = F.scaled_dot_product_attention(q, kv, kv, attn_mask=mask, scale=1.0, enable_gqa=True)
+            # one key/value head shared by the M query heads, broadcast as a stride-0 view (not
+            # `enable_gqa`, which PyTorch's memory-efficient kernel -- the fused one that takes an
+            # additive mask -- does not accept in every version)
+            kv = x[:, None].to(dt).expand(-1, M, -1, -1)
+            y = F.scaled_dot_product_attention(q, kv, kv, attn_mask=mask, scale=1.0)
             return torch.einsum("bmnd,med->bne", y.float(), V_l) / M
 
         def flow():
@@ -255,6 +258,11 @@ def torch_peer(size, args, prec, what, budget_s, max_reps, peaks, device):
             loss.backward()
             return loss
 
+        if what == "velocity":  # the peer computes the same thing: compare with the dense kernel
+            with matmul_context("float32"):
+                ref = np.asarray(attention_velocity(DenseKernel(), args[2], args[3], args[0][0], args[1][0]))
+            got = run().float().cpu().numpy()
+            row["rel_diff_vs_dense"] = float(np.abs(got - ref).max() / np.abs(ref).max())
         sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -316,7 +324,7 @@ def markdown(rows) -> str:
             fmt(100 * r["flop_fraction"], ".1f") if "flop_fraction" in r else "",
             fmt(r["xla_bytes"] / 2**20, ".0f") if r.get("xla_bytes") else "",
             fmt(r["device_peak_bytes"] / 2**20, ".0f") if r.get("device_peak_bytes") else "",
-            r.get("error", "")[:80],
+            r.get("error", "")[:80] or (f"vs dense {r['rel_diff_vs_dense']:.1e}" if "rel_diff_vs_dense" in r else ""),
         ]) + " |")
     return "\n".join(lines)
 
