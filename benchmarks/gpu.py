@@ -37,8 +37,6 @@ import argparse
 import datetime
 import importlib.metadata
 import json
-import math
-import os
 import platform
 import statistics
 import subprocess
@@ -51,10 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from meanfield_tf._attention import ChunkedKernel, DenseKernel, attention_velocity
-from meanfield_tf._cudnn_kernel import CudnnKernel
-from meanfield_tf._pallas_kernel import PallasKernel
-from meanfield_tf._precision import PRECISIONS
+from meanfield_tf import PRECISIONS, ChunkedKernel, CudnnKernel, DenseKernel, PallasKernel
 
 SIZES = [(8, 256, 16, 16, 256), (16, 1024, 32, 16, 256), (1, 16384, 32, 2, 16)]
 TRAIN_SIZE = (16, 1024, 32, 64, 1024)
@@ -90,9 +85,7 @@ def matmul_context(prec: str):
 
 
 def velocity_fn(kernel):
-    if isinstance(kernel, (CudnnKernel, PallasKernel)):
-        return kernel.batch
-    return lambda x, w, A, V: attention_velocity(kernel, x, w, A, V)
+    return kernel.velocity
 
 
 def flow_fn(kernel):
@@ -260,7 +253,7 @@ def torch_peer(size, args, prec, what, budget_s, max_reps, peaks, device):
 
         if what == "velocity":  # the peer computes the same thing: compare with the dense kernel
             with matmul_context("float32"):
-                ref = np.asarray(attention_velocity(DenseKernel(), args[2], args[3], args[0][0], args[1][0]))
+                ref = np.asarray(DenseKernel().velocity(args[2], args[3], args[0][0], args[1][0]))
             got = run().float().cpu().numpy()
             row["rel_diff_vs_dense"] = float(np.abs(got - ref).max() / np.abs(ref).max())
         sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)

@@ -25,10 +25,8 @@ jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from meanfield_tf._attention import ChunkedKernel, DenseKernel, attention_velocity  # noqa: E402
-from meanfield_tf._cudnn_kernel import CudnnKernel  # noqa: E402
-from meanfield_tf._pallas_kernel import PallasKernel  # noqa: E402
-from meanfield_tf._precision import PRECISIONS  # noqa: E402
+from meanfield_tf import (  # noqa: E402
+    PRECISIONS, ChunkedKernel, CudnnKernel, DenseKernel, PallasKernel)
 
 
 def problem(B=2, n=128, d=16, L=4, M=16, seed=0):
@@ -43,9 +41,7 @@ def problem(B=2, n=128, d=16, L=4, M=16, seed=0):
 
 
 def batch_velocity(kernel):
-    if hasattr(kernel, "batch"):
-        return kernel.batch
-    return lambda x, w, A, V: attention_velocity(kernel, x, w, A, V)
+    return kernel.velocity
 
 
 def flow(kernel, A, V, x, w):

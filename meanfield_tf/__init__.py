@@ -12,6 +12,7 @@ from ._attention import AbstractKernel as AbstractKernel
 from ._attention import ChunkedKernel as ChunkedKernel
 from ._attention import DenseKernel as DenseKernel
 from ._attention import attention_velocity as attention_velocity
+from ._cudnn_kernel import CudnnKernel as CudnnKernel
 from ._dependence import DependenceTest as DependenceTest
 from ._depth import AbstractStepping as AbstractStepping
 from ._depth import AdaptiveSteps as AdaptiveSteps
@@ -50,6 +51,12 @@ from ._ntk import TokenOutputs as TokenOutputs
 from ._ntk import ntk_blocks as ntk_blocks
 from ._ntk import ntk_gram as ntk_gram
 from ._ntk import ntk_jacobian as ntk_jacobian
+from ._pallas_kernel import PallasKernel as PallasKernel
+from ._precision import BF16 as BF16
+from ._precision import FLOAT32 as FLOAT32
+from ._precision import PRECISIONS as PRECISIONS
+from ._precision import TF32 as TF32
+from ._precision import Precision as Precision
 from ._risks import AbstractRisk as AbstractRisk
 from ._risks import QueryClassification as QueryClassification
 from ._risks import QueryRegression as QueryRegression

@@ -32,14 +32,15 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from ._errors import InputError
-from ._flash import log_weights
+from ._attention import AbstractKernel
 from ._precision import FLOAT32, Precision
+from ._tokens import log_weights
 
 _IMPLEMENTATIONS = (None, "xla", "cudnn")
 _CUDNN_PAD = -(2.0**40)  # finite "minus infinity" of the cuDNN bias (bf16/fp16-representable)
 
 
-class CudnnKernel(eqx.Module):
+class CudnnKernel(AbstractKernel):
     """Head-averaged attention as grouped-query `jax.nn.dot_product_attention` (M query heads, one KV head).
 
     **Fields:**
@@ -82,9 +83,9 @@ class CudnnKernel(eqx.Module):
         A: Float[Array, "M d d"],
         V: Float[Array, "M d d"],
     ) -> Float[Array, "n d"]:
-        return self.batch(x[None], w[None], A, V)[0]
+        return self.velocity(x[None], w[None], A, V)[0]
 
-    def batch(
+    def velocity(
         self,
         x: Float[Array, "B n d"],
         w: Float[Array, "B n"],

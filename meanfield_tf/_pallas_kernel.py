@@ -43,8 +43,9 @@ from jax.experimental import pallas as pl
 from jaxtyping import Array, Float
 
 from ._errors import InputError
-from ._flash import log_weights
+from ._attention import AbstractKernel
 from ._precision import FLOAT32, Precision
+from ._tokens import log_weights
 
 
 class _Config(eqx.Module):
@@ -238,7 +239,7 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-class PallasKernel(eqx.Module):
+class PallasKernel(AbstractKernel):
     """Fused online-LSE attention in Pallas, with its own backward pass; memory linear in `n`.
 
     **Fields:**
@@ -323,12 +324,4 @@ class PallasKernel(eqx.Module):
         v = jnp.einsum("med,mnd->ne", V.astype(acc), y.astype(acc), precision=hi) / m_heads
         return v.astype(x.dtype)
 
-    def batch(
-        self,
-        x: Float[Array, "B n d"],
-        w: Float[Array, "B n"],
-        A: Float[Array, "M d d"],
-        V: Float[Array, "M d d"],
-    ) -> Float[Array, "B n d"]:
-        """The velocity of every token of `B` sequences (vmapped: the batch is one more grid axis)."""
-        return jax.vmap(self, in_axes=(0, 0, None, None))(x, w, A, V)
+

@@ -19,11 +19,9 @@ import numpy as np
 import pytest
 from conftest import rel_err
 
-from meanfield_tf._attention import DenseKernel
-from meanfield_tf._cudnn_kernel import CudnnKernel
-from meanfield_tf._errors import InputError
-from meanfield_tf._pallas_kernel import PallasKernel
-from meanfield_tf._precision import BF16, FLOAT32, TF32, Precision, precision_from_name
+from meanfield_tf import (BF16, FLOAT32, TF32, CudnnKernel, DenseKernel, InputError,
+                          PallasKernel, Precision)
+from meanfield_tf._precision import precision_from_name
 
 EPS32 = float(np.finfo(np.float32).eps)
 FACTOR = 4.0
@@ -92,7 +90,7 @@ def test_cudnn_kernel_batch_is_per_sequence():
     x, w = (jnp.stack([s[i] for s in seqs]).astype(jnp.float32) for i in (0, 1))
     A, V = as32(seqs[0][2:])
     kernel = CudnnKernel()
-    batched = jax.jit(kernel.batch)(x, w, A, V)
+    batched = jax.jit(kernel.velocity)(x, w, A, V)
     for b in range(2):
         assert rel_err(batched[b], kernel(x[b], w[b], A, V)) <= FLOOR_ULPS * EPS32
 
@@ -157,7 +155,7 @@ def test_pallas_kernel_jit_vmap_batch():
     x, w = (jnp.stack([s[i] for s in seqs]) for i in (0, 1))
     A, V = seqs[0][2:]
     kernel = PallasKernel(block_rows=32, block_keys=16, interpret=True)
-    got = jax.jit(kernel.batch)(x, w, A, V)
+    got = jax.jit(kernel.velocity)(x, w, A, V)
     for b in range(2):
         assert rel_err(got[b], DenseKernel()(x[b], w[b], A, V)) <= 1e-12
 

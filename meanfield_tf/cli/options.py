@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..workflow.build import DTYPES, KERNELS, SOLVERS
+from ..workflow.build import DTYPES, KERNELS, PRECISIONS, SOLVERS
 
 
 def add_solver_flags(parser: argparse.ArgumentParser) -> None:
@@ -23,9 +23,12 @@ def add_solver_flags(parser: argparse.ArgumentParser) -> None:
                    help="attention kernel (default: dense)")
     g.add_argument("--chunk-size", type=int, default=None,
                    help="key chunk of the chunked kernel (default 256)")
+    g.add_argument("--precision", default=None, choices=list(PRECISIONS),
+                   help="precision policy of the cudnn and pallas kernels: float32 (default), "
+                   "tf32 matmuls, or bf16 scores with float32 accumulation")
 
 
 def solver_flags(args: argparse.Namespace) -> dict:
     """The solver flags as `SolverConfig` fields (`None`: not given)."""
     return {"name": args.solver, "steps": args.steps, "rtol": args.rtol, "atol": args.atol,
-            "kernel": args.kernel, "chunk_size": args.chunk_size}
+            "kernel": args.kernel, "chunk_size": args.chunk_size, "precision": args.precision}

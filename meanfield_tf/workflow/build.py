@@ -25,12 +25,15 @@ import numpy as np
 
 from .. import _tasks
 from .._attention import ChunkedKernel, DenseKernel
+from .._cudnn_kernel import CudnnKernel
 from .._depth import AdaptiveSteps, FixedSteps
 from .._errors import ConfigError, InputError
 from .._explicit import Explicit
 from .._flow import flow
 from .._gradients import Autodiff, Backsolve
 from .._heads import HeadMeasure, gaussian_heads, symmetric_heads
+from .._pallas_kernel import PallasKernel
+from .._precision import PRECISIONS
 from .._solvers import ClassicalRK4, DepthSolver
 from .._tokens import Discrete, Gaussian, GaussianMixture, UniformBall, UniformBox, sample_tokens
 from .._training import (
@@ -62,11 +65,15 @@ SOLVERS = {
     "dopri5": diffrax.Dopri5,
     "dopri8": diffrax.Dopri8,
 }
-# name -> constructor from the chunk size (kernels without chunks ignore it)
+# name -> constructor from the chunk size and the precision policy (kernels without chunks
+# ignore the chunk size; the dense and chunked kernels compute in the input dtype only)
 KERNELS = {
-    "dense": lambda chunk_size: DenseKernel(),
-    "chunked": lambda chunk_size: ChunkedKernel(chunk_size),
+    "dense": lambda chunk_size, precision: DenseKernel(),
+    "chunked": lambda chunk_size, precision: ChunkedKernel(chunk_size),
+    "cudnn": lambda chunk_size, precision: CudnnKernel(precision=precision),
+    "pallas": lambda chunk_size, precision: PallasKernel(precision=precision),
 }
+PRECISION_KERNELS = ("cudnn", "pallas")  # the kernels that take a precision policy
 GRADIENT_METHODS = {"autodiff": Autodiff, "backsolve": Backsolve, "explicit": Explicit}
 DTYPES = ("float32", "float64")
 
@@ -82,9 +89,15 @@ def solver(name: str) -> diffrax.AbstractSolver:
     return _choose(SOLVERS, name.lower(), "solver")()
 
 
-def kernel(name: str, chunk_size: int = 256):
-    """An attention kernel from its name (`KERNELS`)."""
-    return _choose(KERNELS, name, "attention kernel")(chunk_size)
+def kernel(name: str, chunk_size: int = 256, precision: str = "float32"):
+    """An attention kernel from its name (`KERNELS`) and precision policy (`PRECISIONS`)."""
+    make = _choose(KERNELS, name, "attention kernel")
+    policy = _choose(PRECISIONS, precision, "precision")
+    if precision != "float32" and name not in PRECISION_KERNELS:
+        raise InputError(f"precision {precision} needs a kernel that takes a precision policy "
+                         f"({', '.join(PRECISION_KERNELS)}); the {name} kernel computes in the "
+                         f"input dtype: use --kernel pallas or cudnn, or precision float32")
+    return make(chunk_size, policy)
 
 
 def gradient_method(name: str):
@@ -112,7 +125,7 @@ def stepping(num_layers: int, steps: int | None, rtol: float | None, atol: float
 def depth_solver(cfg: SolverConfig, num_layers: int) -> DepthSolver:
     """The `DepthSolver` a `SolverConfig` describes, for heads of `num_layers` layers."""
     return DepthSolver(solver(cfg.name), stepping(num_layers, cfg.steps, cfg.rtol, cfg.atol),
-                       kernel(cfg.kernel, cfg.chunk_size))
+                       kernel(cfg.kernel, cfg.chunk_size, cfg.precision))
 
 
 def dtype(name: str):

@@ -145,13 +145,14 @@ class SolverConfig:
     atol: Optional[float] = None
     kernel: str = "dense"  # a name of meanfield_tf.workflow.build.KERNELS
     chunk_size: int = 256
+    precision: str = "float32"  # float32 | tf32 | bf16 (the cudnn and pallas kernels)
 
     def __post_init__(self):
         positive("solver.steps", self.steps, allow_none=True)
         positive("solver.rtol", self.rtol, allow_none=True)
         positive("solver.atol", self.atol, allow_none=True)
         positive("solver.chunk_size", self.chunk_size)
-        from ..build import KERNELS, SOLVERS
+        from ..build import KERNELS, PRECISIONS, SOLVERS
 
         if self.name not in SOLVERS:
             raise ConfigError(f"solver.name {self.name!r} is unknown; choose one of "
@@ -159,6 +160,9 @@ class SolverConfig:
         if self.kernel not in KERNELS:
             raise ConfigError(f"solver.kernel must be one of {', '.join(KERNELS)}, got "
                               f"{self.kernel!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"solver.precision must be one of {', '.join(PRECISIONS)}, got "
+                              f"{self.precision!r}")
 
 
 
