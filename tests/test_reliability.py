@@ -251,13 +251,13 @@ def test_run_files_share_one_mode(reference):
 
 
 @pytest.mark.parametrize("override, words", [
-    ("train.learning_rate=.nan", "train.learning_rate must be a finite number > 0"),
-    ("train.learning_rate=.inf", "train.learning_rate must be a finite number > 0"),
+    ("train.learning_rate=.nan", "train.learning_rate must be > 0 and finite"),
+    ("train.learning_rate=.inf", "train.learning_rate must be > 0 and finite"),
     ("seed=1180591620717411303424", "seed must be an integer in [0, 2^32)"),
     ("task=5", "task must be a mapping"),
     ("name=../../x", "must be a plain run name"),
     ("heads.layers=[1, 2", "not valid YAML"),
-    ("solver.rtol=.inf", "solver.rtol must be a finite number > 0"),
+    ("solver.rtol=.inf", "solver.rtol must be > 0 and finite"),
 ])
 def test_bad_overrides(override, words, tmp_path, capsys):
     out = tmp_path / "run"
@@ -310,5 +310,5 @@ def test_output_paths(tmp_path, capsys):
             "--targets", str(tmp_path / "y.npz"), "--kernel", "chunked", "--chunk-size", "0",
             "--out", str(tmp_path / "g.npz")]
     assert main(grad) == 2
-    _one_line_error(capsys, "chunk_size must be a finite number > 0")
+    _one_line_error(capsys, "chunk_size must be > 0 and finite")
     assert not (tmp_path / "g.npz").exists()

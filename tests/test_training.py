@@ -33,7 +33,7 @@ SMALL = ["dtype=float64", "heads.layers=2", "heads.heads=16", "task.tokens.n=8"]
 @pytest.fixture(scope="module")
 def small():
     """The run objects, its (single) jitted training step and a jitted gradient."""
-    run = build_run(load_train_config(None, SMALL + ["train.steps=150", "train.learning_rate=2.0"]))
+    run = build_run(load_train_config(None, SMALL + ["train.steps=170", "train.learning_rate=2.0"]))
     traces_before = TrainStep.num_traces()
     return (run, make_train_step(run.gradient, run.optimizer), eqx.filter_jit(run.gradient),
             traces_before)

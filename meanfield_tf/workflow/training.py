@@ -236,7 +236,7 @@ class _Loop:
         bound = self.run.cfg.train.divergence_factor
         if loss > bound * self.best:
             raise TrainingDiverged(
-                f"the loss grew to {loss:.4g} at step {step}, more than "
+                f"the loss became {loss:.4g} at step {step}, more than "
                 f"train.divergence_factor={bound:g} times its best value {self.best:.4g}; {where}; "
                 f"lower train.learning_rate")
         self.best = min(self.best, loss)

@@ -22,7 +22,7 @@ def positive(where: str, value, allow_none=False):
     if value is None and allow_none:
         return
     if value is None or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{where} must be a finite number > 0, got {value!r}")
+        raise ConfigError(f"{where} must be > 0 and finite, got {value!r}")
 
 
 def check_seed(value) -> None:
