@@ -29,6 +29,10 @@
 # Exit status: 0 pass (or SKIP), 1 a check failed, 2 bad arguments.
 set -euo pipefail
 
+# One compound command, read whole before it runs: a checkout or an edit of this file while it
+# runs cannot change what runs.
+{
+
 cuda=0
 rm_images=0
 keep_engine=0
@@ -39,7 +43,7 @@ while [ $# -gt 0 ]; do
     --rm-images) rm_images=1 ;;
     --keep-engine) keep_engine=1 ;;
     --base) shift; base="${1:?--base needs an image name}" ;;
-    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
+    -h|--help) sed -n "2,29p" "$0"; exit 0 ;;
     *) echo "docker_smoke.sh: unknown argument '$1' (use --cuda, --rm-images, --keep-engine, --base IMAGE)" >&2; exit 2 ;;
   esac
   shift
@@ -102,7 +106,7 @@ apt_install() {
 if ! docker info >/dev/null 2>&1; then
   if [ "$(id -u)" != 0 ]; then
     if command -v docker >/dev/null 2>&1; then
-      echo "docker_smoke: SKIP: the docker engine is not running and starting it needs root"
+      echo "docker_smoke: SKIP: no docker engine reachable by this user, and starting one needs root"
     else
       echo "docker_smoke: SKIP: no container engine (docker) and no root to install one"
     fi
@@ -348,3 +352,5 @@ for image in "$base" "${built_images[@]}"; do
   printf '[docker_smoke] image %-40s %6d MB\n' "$image" "$((size / 1000000))"
 done
 log "PASS: the image reproduces the host's default run (final loss $final), runs as a non-root user, writes through the volume and passes its smoke tests"
+exit 0
+}
