@@ -232,6 +232,7 @@ build_local_base() {
       --change 'ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
       --change 'ENV LANG=C.UTF-8' \
       --change 'CMD ["python"]' - "$base" >/dev/null
+    built_images+=("$base")
   fi
 }
 

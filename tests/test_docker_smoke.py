@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -38,10 +39,19 @@ def test_ci_runs_the_readme_test_command_then_the_smoke_script():
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
                     reason="needs root and setpriv to run the script as an unprivileged user")
 def test_smoke_script_skips_without_an_engine_for_an_unprivileged_user():
-    env = {"PATH": os.environ["PATH"], "HOME": "/nonexistent", "TMPDIR": "/tmp",
-           "DOCKER_HOST": "unix:///nonexistent/docker.sock"}
-    out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                          "bash", str(SCRIPT)], capture_output=True, text=True, env=env,
-                         timeout=60)
+    # a copy the unprivileged user can read (the checkout may lie under a private home)
+    copy = Path(tempfile.mkdtemp())
+    try:
+        copy.chmod(0o755)
+        script = copy / "docker_smoke.sh"
+        shutil.copy(SCRIPT, script)
+        script.chmod(0o755)
+        env = {"PATH": os.environ["PATH"], "HOME": "/nonexistent", "TMPDIR": "/tmp",
+               "DOCKER_HOST": "unix:///nonexistent/docker.sock"}
+        out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                              "bash", str(script)], capture_output=True, text=True, env=env,
+                             cwd=copy, timeout=60)
+    finally:
+        shutil.rmtree(copy)
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.startswith("docker_smoke: SKIP: ") and "root" in out.stdout
