@@ -348,7 +348,7 @@ fi
 # ---------------------------------------------------------------------------------------------
 # 5. sizes
 # ---------------------------------------------------------------------------------------------
-for image in "$base" "${built_images[@]}"; do
+for image in $(printf '%s\n' "$base" "${built_images[@]}" | awk '!seen[$0]++'); do
   size="$(docker image inspect -f '{{.Size}}' "$image")"
   printf '[docker_smoke] image %-40s %6d MB\n' "$image" "$((size / 1000000))"
 done
