@@ -22,7 +22,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
-    MPLBACKEND=Agg
+    MPLBACKEND=Agg \
+    MPLCONFIGDIR=/opt/matplotlib
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
@@ -37,7 +38,11 @@ RUN scripts/install_pinned.sh "${VARIANT}" --deps-only
 COPY pyproject.toml README.md ./
 COPY meanfield_tf/ meanfield_tf/
 COPY tests/ tests/
+# Any user may run the image (`--user "$(id -u):$(id -g)"` so that files on a mounted volume
+# belong to the caller): matplotlib's font cache is built here, in a directory every uid may use.
 RUN scripts/install_pinned.sh "${VARIANT}" --package-only \
+    && mkdir -m 1777 /opt/matplotlib \
+    && python -c "import matplotlib.font_manager" \
     && useradd --create-home --uid 1000 meanfield \
     && mkdir -p /work/runs \
     && chown -R meanfield:meanfield /work

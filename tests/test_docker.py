@@ -1,7 +1,8 @@
 """The container recipe: the Dockerfile lints clean, and its pinned install is consistent.
 
-No container engine runs in CI; the Dockerfile's install step is `scripts/install_pinned.sh`,
-which CI can exercise in a throwaway virtual environment (see docs/scaling.md).
+The Dockerfile's install step is `scripts/install_pinned.sh`, exercised here in a throwaway
+virtual environment; the image itself is built and run by `scripts/docker_smoke.sh`, which CI
+runs after the tests (see tests/test_docker_smoke.py).
 """
 
 from __future__ import annotations
