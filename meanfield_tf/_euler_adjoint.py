@@ -212,3 +212,44 @@ def _risk_and_gradient(params, interpolation, tokens, risk, k, chunk_size, block
 
     loss, (grads, dx) = jax.value_and_grad(loss_fn, argnums=(0, 1))(params, tokens.x)
     return loss, grads, dx
+
+
+def chunked_adjoint_and_gradient(
+    states: Float[Array, "B n d"],
+    weights: Float[Array, "B n"],
+    adjoints: Float[Array, "B n d"],
+    params: dict[str, Array],
+    *,
+    chunk_size: int | None = None,
+    block_rows: int | None = None,
+) -> tuple[Float[Array, "B n d"], dict[str, Array]]:
+    r"""`adjoint_and_gradient` (the closed forms of the `Explicit` method) at memory linear in `n`.
+
+    Returns $(\partial v/\partial X)^\top \lambda$ `(B, n, d)` (local and non-local terms,
+    head-averaged) and the gradient field $\nabla_\theta G$ at `params` (keyed like `params`,
+    factored heads by the chain rule), the same quantities as
+    `meanfield_tf._adjoint.adjoint_and_gradient(states, weights, adjoints, params)`, but through
+    the fused backward pass: one memory-linear forward for the row statistics, then one pass over
+    the score blocks, instead of the dense `(M, n, n)` softmax. For the discrete adjoint of Euler,
+    $\lambda_j = \lambda_{j+1} + h\,(\partial v/\partial X)(X_j)^\top\lambda_{j+1}$ and
+    $g_j = h L\, \nabla_\theta G(X_j, \lambda_{j+1})$ (times the interpolation weight), this is the
+    backward of `euler_step` with cotangent $\lambda_{j+1}$.
+    """
+    from ._adjoint import _chain_rule
+
+    A = merged_query_key(params)
+    V = params["V"]
+    B, n, _ = states.shape
+    c = n if chunk_size is None else min(chunk_size, n)
+
+    def one(carry, seq):
+        gA, gV = carry
+        x, w, lam = seq
+        _, y, lse = _forward(x, w, A, V, c, block_rows)
+        dx, _, dA, dV = _backward(x, w, A, V, y, lse, lam, c, block_rows)
+        return (gA + dA, gV + dV), dx
+
+    (gA, gV), adj = jax.lax.scan(one, (jnp.zeros_like(A), jnp.zeros_like(V)),
+                                 (states, weights, adjoints))
+    scale = A.shape[0] / B  # dA, dV carry the head average 1/M; the field is a batch mean
+    return adj, _chain_rule(params, scale * gA, scale * gV)
