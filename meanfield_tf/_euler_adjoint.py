@@ -7,7 +7,7 @@ $$X^{j+1} = F_j(X^j) = X^j + h\, v_{\theta_j}(X^j), \qquad
 
 ($k = 1$: the transformer of $L$ layers of $M$ heads). Each step $F_j$ is **one custom-VJP
 function** and the steps run in a `lax.scan`. Its forward saves, per step, only the tokens
-$X^j$ `(B, n, d)`, the per-row log-sum-exp $\ell$ `(B, M n)` and the head means $y$ `(B, M, n, d)`
+$X^j$ `(B, n, d)`, the per-row log-sum-exp $\ell$ `(B, n M)` and the head means $y$ `(B, n, M, d)`
 (the attention outputs before $V_m$). Its backward, for a cotangent $\bar X^{j+1}$, is
 
 $$\bar X^j = \bar X^{j+1} + h\, \big(\partial v / \partial X\big)^\top \bar X^{j+1}, \qquad
