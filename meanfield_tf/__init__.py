@@ -19,6 +19,8 @@ from ._depth import AdaptiveSteps as AdaptiveSteps
 from ._depth import FixedSteps as FixedSteps
 from ._depth import integrate_depth as integrate_depth
 from ._errors import ConfigError as ConfigError
+from ._euler_adjoint import euler_flow as euler_flow
+from ._euler_adjoint import euler_risk_and_gradient as euler_risk_and_gradient
 from ._errors import InputError as InputError
 from ._errors import MeanFieldError as MeanFieldError
 from ._errors import SolverError as SolverError
