@@ -23,6 +23,7 @@ of `AbstractKernel` (and a name in `meanfield_tf.workflow.build` for the command
 from __future__ import annotations
 
 import abc
+from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -39,7 +40,18 @@ class AbstractKernel(eqx.Module):
 
     Subclasses implement `__call__(x (n, d), w (n,), A (M, d, d), V (M, d, d)) -> (n, d)`;
     `velocity` maps it over a batch of sequences (override it to stream instead of vmap).
+    `memory_linear` says whether its memory (gradient included) is linear in `n`;
+    `fused_chunks` whether the fused discrete adjoint of the finite transformer can stand in for
+    differentiating it.
     """
+
+    memory_linear: ClassVar[bool] = False
+
+    def fused_chunks(self) -> tuple[int | None, int | None] | None:
+        """`(chunk_size, block_rows)` with which the flash-style computation of
+        `meanfield_tf._flash` gives this kernel's velocity (to rounding), or `None` when it
+        does not (then gradients go through the kernel itself)."""
+        return None
 
     @abc.abstractmethod
     def __call__(
@@ -64,6 +76,9 @@ class AbstractKernel(eqx.Module):
 
 class DenseKernel(AbstractKernel):
     """Dense reference kernel: forms all `(M, n, n)` scores at once."""
+
+    def fused_chunks(self):
+        return None, None  # one chunk of all n keys
 
     def __call__(
         self,
@@ -99,6 +114,10 @@ class ChunkedKernel(AbstractKernel):
     chunk_size: int = eqx.field(static=True, default=256)
     block_rows: int | None = eqx.field(static=True, default=None)
     custom_vjp: bool = eqx.field(static=True, default=True)
+    memory_linear: ClassVar[bool] = True
+
+    def fused_chunks(self):
+        return (self.chunk_size, self.block_rows) if self.custom_vjp else None
 
     def __check_init__(self):
         if self.chunk_size < 1:

@@ -6,7 +6,9 @@ the closed forms of `_adjoint.py` — the local term $D_x v^\top \lambda$ and th
 
 - Euler with `FixedSteps(k)`: the exact discrete adjoint of the Euler scheme,
   $\lambda_j = \lambda_{j+1} + h\,(\partial v/\partial X)(X_j)^\top \lambda_{j+1}$ at the states of
-  the forward pass (equal to `Autodiff()` to rounding);
+  the forward pass (equal to `Autodiff()` to rounding). With a memory-linear kernel
+  (`ChunkedKernel`) the closed forms are evaluated block by block over the scores, memory linear
+  in `n`; with the dense kernel they form the `(M, n, n)` softmax;
 - any other solver: the continuous backward ODE, integrated by diffrax with the same solver and
   stepping, from the stored forward state at every cell end (optimise-then-discretise).
 
@@ -23,6 +25,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from ._adjoint import adjoint_and_gradient
+from ._euler_adjoint import chunked_adjoint_and_gradient
 from ._depth import CellArgs, cells, integrate_depth, solve_cell
 from ._flow import AttentionField
 from ._gradients import AbstractGradientMethod, check_gradient_inputs, like_heads, nan_if
@@ -98,7 +101,7 @@ def _explicit(heads, tokens, risk, solver, nonlocal_term):
     piecewise = right is None
     if solver.finite_transformer:
         step = _discrete_cell(field, w, L, solver.stepping.steps_per_layer, piecewise,
-                              nonlocal_term)
+                              _closed_forms(solver.kernel, nonlocal_term))
     else:
         step = _continuous_cell(field, w, L, solver, piecewise, nonlocal_term)
     lam0, (lams, gL, gR, ok) = jax.lax.scan(step, lam1, cell_inputs, reverse=True)
@@ -124,7 +127,19 @@ def _accumulate(gl, gr, gf, weight, u):
     return gl, gr
 
 
-def _discrete_cell(field, w, L, k, piecewise, nonlocal_term):
+def _closed_forms(kernel, nonlocal_term: bool):
+    """`(x, w, λ, θ) -> (adjoint velocity, gradient field)`: with a memory-linear kernel, the
+    chunked pass over score blocks (memory linear in `n`); otherwise (and to drop the non-local
+    term) the dense closed forms of `_adjoint.py`."""
+    chunks = kernel.fused_chunks()
+    if kernel.memory_linear and chunks is not None and nonlocal_term:
+        return lambda x, w, lam, theta: chunked_adjoint_and_gradient(
+            x, w, lam, theta, chunk_size=chunks[0], block_rows=chunks[1])
+    return lambda x, w, lam, theta: adjoint_and_gradient(x, w, lam, theta,
+                                                         nonlocal_term=nonlocal_term)
+
+
+def _discrete_cell(field, w, L, k, piecewise, closed_forms):
     """One cell of the discrete adjoint of `k` Euler steps (scanned over cells in reverse)."""
 
     def cell(lam, inputs):
@@ -144,8 +159,7 @@ def _discrete_cell(field, w, L, k, piecewise, nonlocal_term):
             lam, gl, gr = carry
             s = s0 + j * h
             # ∂R/∂θ_j = (h/M) ∇G(X_j, λ_{j+1}, θ_j);  λ_j = λ_{j+1} + h (∂v/∂X)(X_j)^T λ_{j+1}
-            adj, gf = adjoint_and_gradient(xsub[j], w, lam, args.params_at(s),
-                                           nonlocal_term=nonlocal_term)
+            adj, gf = closed_forms(xsub[j], w, lam, args.params_at(s))
             u = jnp.zeros((), lam.dtype) if piecewise else (s - s0) * L
             gl, gr = _accumulate(gl, gr, gf, L * h, u)
             return (lam + h * adj, gl, gr), None

@@ -43,6 +43,7 @@ from jaxtyping import Array, Float
 
 from ._depth import integrate_depth
 from ._errors import InputError
+from ._euler_adjoint import _risk_and_gradient as _fused
 from ._flow import AttentionField, check_compatible
 from ._heads import HeadMeasure
 from ._risks import AbstractRisk
@@ -65,15 +66,32 @@ class AbstractGradientMethod(eqx.Module):
 
 
 class Autodiff(AbstractGradientMethod):
-    """Differentiate through the solve with a diffrax adjoint (default: checkpointed reverse mode).
+    """Reverse-mode differentiation of the solve.
 
-    With `diffrax.Euler()` and `FixedSteps(1)` this is the exact gradient of the finite
-    transformer; in general, the exact gradient of the numerical solution.
+    With `diffrax.Euler()` and `FixedSteps(k)` this is the exact gradient of the discrete network
+    (the finite transformer for k = 1); in general, the exact gradient of the numerical solution.
+
+    **Fields:**
+
+    - `adjoint`: the diffrax adjoint of the solve (default: checkpointed reverse mode).
+    - `fused`: for the finite transformer (Euler, fixed steps) with a kernel that allows it
+      (`kernel.fused_chunks()`: dense and chunked), run reverse mode through the fused discrete
+      adjoint (`meanfield_tf._euler_adjoint`: one custom-VJP layer map per step, the backward
+      recomputing each score block once; memory linear in `n`) instead of diffrax's
+      checkpointed loop, which re-runs every step's forward. Same gradient to rounding
+      (default `True`; `False` keeps the diffrax path, the reference).
     """
 
     adjoint: diffrax.AbstractAdjoint = diffrax.RecursiveCheckpointAdjoint()
+    fused: bool = eqx.field(static=True, default=True)
 
     def risk_and_gradient(self, heads, tokens, risk, solver):
+        chunks = solver.kernel.fused_chunks() if self.fused and solver.finite_transformer else None
+        if chunks is not None:
+            loss, grads, _ = _fused(heads.params, heads.interpolation, tokens, risk,
+                                    solver.stepping.steps_per_layer, *chunks)
+            scale = heads.num_layers * heads.num_heads
+            return loss, like_heads(heads, {k: scale * g for k, g in grads.items()})
         return _through_solve(heads, tokens, risk, self.adjoint, solver)
 
 

@@ -2,7 +2,7 @@
 
 References: reverse-mode autodiff through the finite transformer written out as a loop of
 Euler steps with the dense kernel (softmax over the full `(M, n, n)` scores), for the heads and
-for the input tokens; and, once each, the public `risk_and_gradient(..., method=Autodiff(),
+for the input tokens; and, once each, the public `risk_and_gradient(..., method=Autodiff(fused=False),
 kernel=DenseKernel())` (checkpointed reverse mode through diffrax) and `jax.grad` through
 `flow(...).x`. All compute the same sums as the fused path in another order (online log-sum-exp, row blocks, key
 chunks), so in float64 they differ by a few roundings per term, ~1e-15 relative: 1e-12 leaves
@@ -101,11 +101,15 @@ def test_padding_chunks_blocks(getkey):
     heads = make_heads(getkey, 3, 4, 3)
     risk = mf.TokenRegression(jax.random.normal(getkey(), (2, 7, 3)))
     grads = check(heads, tokens, risk, chunk_size=3, block_rows=5)
-    # the public gradient API (Autodiff through the dense kernel) returns the same
-    _, api = mf.risk_and_gradient(heads, tokens, risk, method=mf.Autodiff(),
-                                  kernel=mf.DenseKernel())
+    # the public gradient API (Autodiff through diffrax and the dense kernel) returns the same,
+    # and its default (fused) path is this one
+    _, api = mf.risk_and_gradient(heads, tokens, risk, method=mf.Autodiff(fused=False),
+                                  solver=mf.DepthSolver(kernel=mf.DenseKernel()))
+    _, default = mf.risk_and_gradient(heads, tokens, risk,
+                                      solver=mf.DepthSolver(kernel=mf.ChunkedKernel(3, 5)))
     for name in grads:
         assert rel_err(grads[name], api.params[name]) <= RTOL
+        assert rel_err(default.params[name], api.params[name]) <= RTOL
 
 
 def test_factored_query_regression_two_steps(getkey):
@@ -129,7 +133,7 @@ def test_flow_matches_and_differentiates_in_weights(getkey):
     heads = make_heads(getkey, 2, 3, 3)
     k = 2
     x1 = euler_flow(heads, tokens.x, tokens.w, steps_per_layer=k)  # defaults: one key chunk
-    ref = mf.flow(heads, tokens, stepping=mf.FixedSteps(k), kernel=mf.DenseKernel()).x
+    ref = mf.flow(heads, tokens, mf.DepthSolver(stepping=mf.FixedSteps(k))).x
     assert rel_err(x1, ref) <= RTOL
 
     target = jax.random.normal(getkey(), x1.shape)
@@ -140,7 +144,7 @@ def test_flow_matches_and_differentiates_in_weights(getkey):
 
     def dense(params, x, w):
         h = mf.HeadMeasure(**params, check=False)
-        sol = mf.flow(h, mf.TokenBatch(x, w, check=False), stepping=mf.FixedSteps(k))
+        sol = mf.flow(h, mf.TokenBatch(x, w, check=False), mf.DepthSolver(stepping=mf.FixedSteps(k)))
         return jnp.sum(jnp.sin(sol.x) * target)
 
     args = (heads.params, tokens.x, tokens.w)
