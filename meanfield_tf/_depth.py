@@ -26,6 +26,7 @@ from jaxtyping import Array, Bool, Float, Int, PyTree
 
 from ._errors import InputError, SolverError
 from ._heads import HeadMeasure, interpolate_cell
+from ._sharding import constrain_like_heads
 
 
 class FixedSteps(eqx.Module):
@@ -129,6 +130,8 @@ def integrate_depth(
     the given sorted depths in `[0, 1]` (each cell saves the depths clipped into it; the cell that
     contains a depth provides it).
     """
+    # on a mesh, pin the head sharding: its transpose keeps gradients and Jacobians sharded too
+    heads = constrain_like_heads(heads, heads)
     L = heads.num_layers
     dtype = heads.dtype
     s0s, s1s = cell_edges(L, dtype)

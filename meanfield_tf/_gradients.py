@@ -42,6 +42,7 @@ from ._errors import InputError
 from ._flow import AttentionField, check_compatible
 from ._heads import HeadMeasure
 from ._risks import AbstractRisk
+from ._sharding import constrain_like_heads
 from ._tokens import TokenBatch
 
 
@@ -198,6 +199,7 @@ def _nan_if(bad, tree):
 
 
 def _like(heads: HeadMeasure, params: dict[str, Array]) -> HeadMeasure:
+    params = constrain_like_heads(params, heads)  # on a mesh: g sharded like the heads
     return HeadMeasure(**params, interpolation=heads.interpolation, check=False)
 
 

@@ -44,6 +44,7 @@ from ._depth import FixedSteps
 from ._errors import MeanFieldError
 from ._gradients import Autodiff, risk_and_gradient
 from ._heads import HeadMeasure
+from ._sharding import constrain_like_heads
 
 
 class TrainingDiverged(MeanFieldError):
@@ -162,6 +163,7 @@ def make_train_step(
         loss, g = value_and_grad(heads, batch)
         updates, opt_state = optimizer.update(g, opt_state, heads.params)
         params = optax.apply_updates(heads.params, updates)
+        params, opt_state = constrain_like_heads((params, opt_state), heads)  # on a mesh
         heads = eqx.tree_at(lambda h: h.params, heads, params)
         return heads, opt_state, StepInfo(loss=loss, grad_norm=particle_norm(g))
 
