@@ -18,9 +18,13 @@ learning rate) are replicated.
 **How.** Inputs are placed with `jax.device_put(..., NamedSharding(mesh, spec))` on a mesh whose
 axes are `AxisType.Auto` (the default `Explicit` axes of `jax.make_mesh` break diffrax), and
 every jitted function of the library runs unchanged: XLA's sharding propagation partitions the
-attention kernel over heads and sequences and inserts the reductions. The forward flow, its
-gradient and an optax step agree with the single-device results to float64 round-off
-(`tests/test_sharding.py`).
+attention kernel over heads and sequences and inserts the reductions. Inside the library the head
+sharding is also stated where it must hold (`constrain_like_heads`: the heads entering the depth
+solve, and hence every gradient and Jacobian with respect to them, the mean-field gradients, the
+updated parameters and the optimiser state), so that jitted results keep the heads'
+`NamedSharding` on every JAX version (jax 0.12 no longer carries the mesh through
+zero-initialised cotangents). The forward flow, its gradient and an optax step agree with the
+single-device results to float64 round-off (`tests/test_sharding.py`).
 
 On several hosts (processes), the mesh spans every process's devices; arrays are built from
 host data that is identical on every process (`shard_heads` / `shard_tokens` accept NumPy or
