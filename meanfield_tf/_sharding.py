@@ -297,8 +297,12 @@ def constrain_like_heads(tree: PyTree, heads: HeadMeasure) -> PyTree:
     that has lost its mesh comes out of `jit` with a sharding recomputed from XLA's layout,
     which cannot name a mesh axis of size 1 (the heads of a `1 x D` mesh come back as
     `P()`), instead of the heads' own `NamedSharding`. The constraint puts the mesh back and
-    tells XLA the layout: the value is unchanged (no collective when the layout is already
-    the heads').
+    tells XLA the layout the heads already have; values are unchanged.
+
+    **Arguments:** `tree`, any pytree (a params dict, an optax state, a `HeadMeasure`);
+    `heads`, the `HeadMeasure` whose mesh and parameter shapes decide.
+
+    **Returns:** `tree` with the same structure.
 
     A no-op when the heads are on no mesh (one device), on a mesh without a `heads` axis or
     with an `Explicit` one (there the sharding is part of the type), and for leaves whose `M`
