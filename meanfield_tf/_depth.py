@@ -31,6 +31,7 @@ from jaxtyping import Array, Bool, Float, Int, PyTree
 
 from ._errors import InputError, SolverError
 from ._heads import HeadMeasure, interpolate_cell
+from ._sharding import constrain_like_heads
 
 
 class AbstractStepping(eqx.Module):
@@ -201,6 +202,8 @@ def integrate_depth(
     contains a depth provides it).
     """
     stepping.check(solver)
+    # on a mesh, pin the head sharding: its transpose keeps gradients and Jacobians sharded too
+    heads = constrain_like_heads(heads, heads)
     L = heads.num_layers
     left, right, s0s, s1s = cells(heads)
     term = diffrax.ODETerm(vector_field)

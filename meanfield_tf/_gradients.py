@@ -47,6 +47,7 @@ from ._euler_adjoint import _risk_and_gradient as _fused
 from ._flow import AttentionField, check_compatible
 from ._heads import HeadMeasure
 from ._risks import AbstractRisk
+from ._sharding import constrain_like_heads
 from ._solvers import DepthSolver
 from ._tokens import TokenBatch
 
@@ -175,7 +176,9 @@ def nan_if(bad, tree):
 
 
 def like_heads(heads: HeadMeasure, params: dict[str, Array]) -> HeadMeasure:
-    """`params` as a `HeadMeasure` with the interpolation of `heads` (no validation)."""
+    """`params` as a `HeadMeasure` with the interpolation of `heads` (no validation), sharded
+    like the heads when they live on a device mesh."""
+    params = constrain_like_heads(params, heads)
     return HeadMeasure(**params, interpolation=heads.interpolation, check=False)
 
 

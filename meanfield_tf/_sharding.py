@@ -18,9 +18,13 @@ learning rate) are replicated.
 **How.** Inputs are placed with `jax.device_put(..., NamedSharding(mesh, spec))` on a mesh whose
 axes are `AxisType.Auto` (the default `Explicit` axes of `jax.make_mesh` break diffrax), and
 every jitted function of the library runs unchanged: XLA's sharding propagation partitions the
-attention kernel over heads and sequences and inserts the reductions. The forward flow, its
-gradient and an optax step agree with the single-device results to float64 round-off
-(`tests/test_sharding.py`).
+attention kernel over heads and sequences and inserts the reductions. Inside the library the head
+sharding is also stated where it must hold (`constrain_like_heads`: the heads entering the depth
+solve, and hence every gradient and Jacobian with respect to them, the mean-field gradients, the
+updated parameters and the optimiser state), so that jitted results keep the heads'
+`NamedSharding` on every JAX version (jax 0.12 no longer carries the mesh through
+zero-initialised cotangents). The forward flow, its gradient and an optax step agree with the
+single-device results to float64 round-off (`tests/test_sharding.py`).
 
 On several hosts (processes), the mesh spans every process's devices; arrays are built from
 host data that is identical on every process (`shard_heads` / `shard_tokens` accept NumPy or
@@ -218,6 +222,65 @@ def shard_like_heads(tree: PyTree, heads: HeadMeasure, mesh: Mesh) -> PyTree:
 
 def _is_array(x) -> bool:
     return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+# ---------------------------------------------------------------------------------------------
+# Inside jitted code: keep the head sharding explicit
+
+
+def _heads_mesh(heads: HeadMeasure):
+    """The abstract mesh the head arrays live on if it has an `Auto` `heads` axis, else None."""
+    for leaf in jax.tree.leaves(heads):
+        mesh = getattr(getattr(jax.typeof(leaf), "sharding", None), "mesh", None)
+        if mesh is None or mesh.empty or HEADS_AXIS not in mesh.axis_names:
+            continue
+        kind = dict(zip(mesh.axis_names, mesh.axis_types))[HEADS_AXIS]
+        return mesh if kind == AxisType.Auto else None
+    return None
+
+
+def constrain_like_heads(tree: PyTree, heads: HeadMeasure) -> PyTree:
+    r"""`tree` with every head-shaped array leaf pinned to the head sharding of `heads`' mesh.
+
+    Head-shaped means: the shape of one of the parameter arrays of `heads`, `(L, M, ...)` or
+    `(L + 1, M, ...)` (parameters, mean-field gradients $g_{l,m}$, momentum and Adam moments);
+    those leaves get `jax.lax.with_sharding_constraint` with `P(None, "heads", None, ...)` (axis
+    `M` over the `heads` mesh axis) on the mesh the heads live on. Other leaves (step counts,
+    injected hyperparameters, the risk) are returned unchanged.
+
+    Use it inside traced code, on values that must stay sharded like the heads. With `Auto`
+    mesh axes JAX tracks only the mesh of an array, not its partition, and newer JAX (0.12)
+    drops even the mesh from zero-initialised cotangent accumulators (`zeros_like` inside an
+    `Auto` mesh gives an array with no mesh; `add_any` keeps its first operand's). A gradient
+    that has lost its mesh comes out of `jit` with a sharding recomputed from XLA's layout,
+    which cannot name a mesh axis of size 1 (the heads of a `1 x D` mesh come back as
+    `P()`), instead of the heads' own `NamedSharding`. The constraint puts the mesh back and
+    tells XLA the layout the heads already have; values are unchanged.
+
+    **Arguments:** `tree`, any pytree (a params dict, an optax state, a `HeadMeasure`);
+    `heads`, the `HeadMeasure` whose mesh and parameter shapes decide.
+
+    **Returns:** `tree` with the same structure.
+
+    A no-op when the heads are on no mesh (one device), on a mesh without a `heads` axis or
+    with an `Explicit` one (there the sharding is part of the type), and for leaves whose `M`
+    is not divisible by the number of head shards. Differentiable: the transpose of the
+    constraint constrains the cotangent the same way.
+    """
+    mesh = _heads_mesh(heads)
+    if mesh is None:
+        return tree
+    shards = dict(zip(mesh.axis_names, mesh.axis_sizes))[HEADS_AXIS]
+    shapes = {tuple(np.shape(a)) for a in jax.tree.leaves(heads)}
+
+    def pin(leaf):
+        shape = tuple(np.shape(leaf)) if _is_array(leaf) else None  # tracers are jax.Arrays
+        if shape is None or shape not in shapes or shape[1] % shards:
+            return leaf
+        spec = PartitionSpec(None, HEADS_AXIS, *([None] * (len(shape) - 2)))
+        return jax.lax.with_sharding_constraint(leaf, NamedSharding(mesh, spec))
+
+    return jax.tree.map(pin, tree)
 
 
 # ---------------------------------------------------------------------------------------------

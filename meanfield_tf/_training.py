@@ -44,6 +44,7 @@ from jaxtyping import Array, Float, PyTree
 from ._errors import InputError, MeanFieldError
 from ._gradients import AbstractGradientMethod, Autodiff, risk_and_gradient
 from ._heads import HeadMeasure
+from ._sharding import constrain_like_heads
 from ._solvers import DepthSolver
 
 
@@ -226,6 +227,7 @@ def _traced_step(value_and_grad, optimizer, heads: HeadMeasure, opt_state, batch
     loss, g = value_and_grad(heads, batch)
     updates, opt_state = optimizer.update(g, opt_state, heads.params)
     params = optax.apply_updates(heads.params, updates)
+    params, opt_state = constrain_like_heads((params, opt_state), heads)  # on a mesh
     heads = eqx.tree_at(lambda h: h.params, heads, params)
     return heads, opt_state, StepInfo(loss=loss, grad_norm=particle_norm(g))
 

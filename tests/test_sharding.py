@@ -37,6 +37,9 @@ def _run_worker(case: str, timeout: float = 900.0) -> dict:  # a hang guard, not
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                         f" --xla_force_host_platform_device_count={NUM_DEVICES}").strip()
     env["JAX_PLATFORMS"] = "cpu"
+    # the worker imports the same meanfield_tf as this process (not another installed copy)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(mf.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     out = subprocess.run([sys.executable, __file__, case], env=env, capture_output=True,
                          text=True, timeout=timeout)
     if out.returncode != 0:
@@ -131,6 +134,59 @@ def test_training_steps_match_single_device(core):
 def test_checkpoint_resumes_on_same_and_different_mesh(extended):
     for case, r in extended["resume"].items():
         assert r["params_err"] <= RTOL and r["state_err"] <= RTOL, (case, r)
+
+
+@pytest.fixture(scope="module")
+def layouts():
+    """Every mesh of the grid (2x2, 4x1, 1x4): how gradients, optimiser state, the NTK Jacobian
+    and a restored checkpoint are laid out (~20 small compiles)."""
+    return _run_worker("layouts")
+
+
+HEADS_SPEC = [None, "heads", None, None]
+MESH_GRID = ["2x2", "4x1", "1x4"]
+
+
+def _heads_per_shard(mesh: str) -> int:
+    return 8 // int(mesh.split("x")[0])  # M = 8 heads split over the heads axis
+
+
+@pytest.mark.parametrize("mesh", MESH_GRID)
+def test_gradients_are_sharded_like_the_heads_on_every_mesh(layouts, mesh):
+    # every gradient route returns g with the heads' own sharding: the spec names the heads axis
+    # (also where it has a single shard) and every device holds exactly M/H heads of it
+    r = layouts[mesh]
+    for route in ("flow_autodiff", "autodiff", "explicit"):
+        for key, leaf in r[route].items():
+            assert leaf["spec"] == HEADS_SPEC, (mesh, route, key, leaf)
+            assert leaf["shard_heads"] == _heads_per_shard(mesh), (mesh, route, key, leaf)
+    # the values are those of the single-device computation
+    assert r["explicit_err"] <= RTOL, r
+
+
+@pytest.mark.parametrize("mesh", MESH_GRID)
+def test_optimiser_state_is_sharded_like_the_heads_on_every_mesh(layouts, mesh):
+    # Adam's two moments and the parameters after two steps keep the head sharding; the step
+    # count and the injected learning rate stay replicated; the steps equal one device's
+    r = layouts[mesh]
+    for name in ("params", "mu", "nu"):
+        for key, leaf in r["adam"][name].items():
+            assert leaf["spec"] == HEADS_SPEC, (mesh, name, key, leaf)
+            assert leaf["shard_heads"] == _heads_per_shard(mesh), (mesh, name, key, leaf)
+    assert r["adam"]["scalars_replicated"], r["adam"]
+    assert r["adam"]["params_err"] <= RTOL and r["adam"]["state_err"] <= RTOL, r["adam"]
+    # a checkpoint gathered to the host and restored on this mesh has the same layout
+    for key, leaf in r["restored"].items():
+        assert leaf["spec"] == HEADS_SPEC and leaf["shard_heads"] == _heads_per_shard(mesh), (
+            mesh, key, leaf)
+
+
+@pytest.mark.parametrize("mesh", MESH_GRID)
+def test_ntk_jacobian_keeps_the_head_axis_sharded(layouts, mesh):
+    # dY/dθ has shape (B, d, L, M, d, d): its M axis (3) stays split over the heads
+    r = layouts[mesh]["ntk"]
+    assert r["shard_heads"] == _heads_per_shard(mesh), r
+    assert r["err"] <= RTOL, r
 
 
 def test_bad_mesh_in_worker(core):
@@ -235,6 +291,8 @@ def _worker(case: str) -> dict:  # noqa: C901 - one place computing every sharde
 
     if case == "run":
         return _worker_run(tick, rel, tree_rel)
+    if case == "layouts":
+        return _worker_layouts(tick, rel, tree_rel, spec)
 
     res: dict = {"num_devices": len(jax.devices())}
     L, M, d, B, n = 2, 8, 2, 4, 5
@@ -367,6 +425,92 @@ def _worker(case: str) -> dict:  # noqa: C901 - one place computing every sharde
     gc = jax.jit(jax.grad(lambda h, t: loss(h, t, ck)))
     res["chunked"] = {"forward_err": rel(c_out, c_ref),
                       "grad_err": tree_rel(gc(sh, st).params, gc(heads, tokens).params)}
+    tick("done")
+    return res
+
+
+def _worker_layouts(tick, rel, tree_rel, spec) -> dict:
+    """Layouts on every mesh of the grid: gradients (three routes), Adam state, NTK, restore."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import meanfield_tf as mf
+    from meanfield_tf._gradients import Autodiff, Explicit, risk_and_gradient
+    from meanfield_tf._sharding import gather_to_host, shard_heads, shard_like_heads, shard_tokens
+    from meanfield_tf._training import (MeanFieldGradient, gradient_flow_optimizer,
+                                        init_optimizer, make_train_step)
+
+    L, M, d, B, n = 2, 8, 2, 4, 5
+    heads = mf.gaussian_heads(jax.random.key(0), L, M, d, dtype=jnp.float64)
+    rng = np.random.default_rng(1)
+    w = rng.uniform(0.2, 1.0, size=(B, n))
+    tokens = mf.TokenBatch(rng.normal(size=(B, n, d)), w / w.sum(1, keepdims=True))
+    risk = mf.TokenRegression(jnp.asarray(rng.normal(size=(B, n, d))))
+    batch = mf.Batch(tokens, risk)
+    readout = mf.ReadoutQuery(jnp.ones(d))
+
+    def layout(arr):
+        # the spec JAX reports, and how many heads one device really holds (axis 1)
+        return {"spec": spec(arr), "shard_heads": int(arr.addressable_shards[0].data.shape[1])}
+
+    def layouts(params):
+        return {k: layout(v) for k, v in params.items()}
+
+    def flow_loss(h, t):
+        return risk(mf.flow(h, t).x, t.w)
+
+    flow_grad = jax.jit(jax.grad(flow_loss))
+    opt = gradient_flow_optimizer(0.05, base=optax.scale_by_adam())
+    step = make_train_step(MeanFieldGradient(), opt)
+    ntk = jax.jit(lambda h, t: mf.ntk_jacobian(h, t, output=readout)["A"])
+
+    def adam(h, s, b):
+        for _ in range(2):
+            h, s, _ = step(h, s, b)
+        return h, s
+
+    def scale_state(s):
+        # optax.chain(scale_by_adam, scale): the adam state is the first of the inner states
+        return s.inner_state[0]
+
+    tick("layouts: one-device references")
+    ref = {
+        "explicit": risk_and_gradient(heads, tokens, risk, method=Explicit())[1],
+        "adam": adam(heads, init_optimizer(opt, heads), batch),
+        "ntk": ntk(heads, tokens),
+    }
+    res: dict = {}
+    for name in ("2x2", "4x1", "1x4"):
+        tick(f"layouts: mesh {name}")
+        m = make_mesh(*map(int, name.split("x")))
+        hs, ts = shard_heads(heads, m), shard_tokens(tokens, m)
+        bs = mf.Batch(ts, risk)  # the risk's targets stay replicated
+        r: dict = {}
+        r["flow_autodiff"] = layouts(flow_grad(hs, ts).params)
+        r["autodiff"] = layouts(risk_and_gradient(hs, ts, risk, method=Autodiff())[1].params)
+        g_exp = risk_and_gradient(hs, ts, risk, method=Explicit())[1]
+        r["explicit"] = layouts(g_exp.params)
+        r["explicit_err"] = tree_rel(g_exp.params, ref["explicit"].params)
+
+        h2, s2 = adam(hs, shard_like_heads(init_optimizer(opt, hs), heads, m), bs)
+        inner = scale_state(s2)
+        scalars = [s2.hyperparams["learning_rate"], inner.count]
+        r["adam"] = {
+            "params": layouts(h2.params), "mu": layouts(inner.mu), "nu": layouts(inner.nu),
+            "scalars_replicated": all(a.sharding.is_fully_replicated for a in scalars),
+            "params_err": tree_rel(h2.params, ref["adam"][0].params),
+            "state_err": tree_rel(s2, ref["adam"][1]),
+        }
+        host_h, host_s = gather_to_host((h2, s2))
+        restored = shard_like_heads(host_s, heads, m)
+        r["restored"] = {**layouts(shard_heads(host_h, m).params),
+                         **{f"mu_{k}": layout(v) for k, v in scale_state(restored).mu.items()}}
+
+        jac = ntk(hs, ts)
+        r["ntk"] = {"spec": spec(jac), "shard_heads": int(jac.addressable_shards[0].data.shape[3]),
+                    "err": rel(jac, ref["ntk"])}
+        res[name] = r
     tick("done")
     return res
 
