@@ -50,7 +50,7 @@ def test_gaussian_limit_rate(tmp_path):
 
 def test_adjoint_explicit_formula(tmp_path):
     mod, res = _run("adjoint", tmp_path, seeds="1", layers="2", heads="2", num_tokens="4",
-                    rtols="1e-4,1e-9", directions="3", ref_steps="32", grid="5",
+                    rtols="1e-4,1e-9", directions="3", ref_steps="128", grid="5",
                     slice_layer="1")
     assert set(res) >= {"table", "ablation_rel_error"}
     err = {(r["method"], r["rtol"]): r["rel_error"] for r in res["table"]}

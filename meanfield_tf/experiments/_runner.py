@@ -83,6 +83,11 @@ def coerce(name: str, typ, value: Any) -> Any:
             return value
         raise ConfigError(f"{name} must be an integer, got {value!r}")
     if typ is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
         raise ConfigError(f"{name} must be a finite number, got {value!r}")

@@ -1,10 +1,10 @@
 r"""`adjoint`: the explicit gradient formula (adjoint with its non-local term) is the gradient.
 
 **Setup** (float64; `seeds` random problems): $B = 2$ sequences of $n = 6$ tokens in $d = 2$,
-$L = 4$ layers of $M = 4$ heads from `gaussian_heads` (unit scales), token-regression risk
+$L = 4$ layers of $M = 4$ heads from `gaussian_heads` (scales 2, so that the solver tolerance shows), token-regression risk
 $R = \frac1B\sum_i \sum_k w_{ik}\frac12|X^i_{1,k} - y_{ik}|^2$ with random targets.
 
-**Reference.** The continuous-depth model solved by RK4 with `ref_steps` = 64 steps per layer;
+**Reference.** The continuous-depth model solved by RK4 with `ref_steps` = 256 steps per layer;
 its directional derivatives $\partial R/\partial\theta\cdot\delta_j$ along `directions` random unit
 directions $\delta_j$ by the fourth-order central difference
 $[8(R(\theta{+}h\delta){-}R(\theta{-}h\delta)) - (R(\theta{+}2h\delta){-}R(\theta{-}2h\delta))]/(12h)$,
@@ -21,7 +21,8 @@ $\|D_{\text{method}} - D_{\text{ref}}\| / \|D_{\text{ref}}\|$ over the direction
 
 **Gradient field.** $\nabla_\theta G(s, \theta)$ at depth $s = l/L$ (`slice_layer`), from
 `explicit_adjoint` (states and adjoints at $s$) and `gradient_field` on a grid of
-$(V_{11}, V_{22})$ around head `slice_head` (its other entries fixed); the figure draws
+$(A_{11}, A_{22})$ around head `slice_head` (its other entries fixed; a slice in $V$ would show
+a constant field, since $a_\theta$ is linear in $V$); the figure draws
 $-\nabla_\theta G$ (the direction particles move in training) with the layer's particles
 projected on the slice.
 
@@ -56,10 +57,10 @@ class Config:
     dim: int = 2
     layers: int = 4
     heads: int = 4
-    scale_A: float = 1.0
-    scale_V: float = 1.0
+    scale_A: float = 2.0
+    scale_V: float = 2.0
     rtols: tuple[float, ...] = (1e-4, 1e-6, 1e-8, 1e-10)
-    ref_steps: int = 64
+    ref_steps: int = 256
     fd_step: float = 1e-3
     directions: int = 8
     slice_layer: int = 2
@@ -220,7 +221,7 @@ def _run(cfg: Config, out: Path, progress) -> dict:
 
 
 def _gradient_field(cfg: Config, out: Path, progress) -> dict:
-    """∇θG on a (V11, V22) grid around one head at depth s = slice_layer / L; draws the figure."""
+    """∇θG on an (A11, A22) grid around one head at depth s = slice_layer / L; draws the figure."""
     import jax
     import jax.numpy as jnp
 
@@ -231,32 +232,32 @@ def _gradient_field(cfg: Config, out: Path, progress) -> dict:
     l, m = cfg.slice_layer, cfg.slice_head
     A0, V0 = heads.A[l, m], heads.V[l, m]
     u = np.linspace(-cfg.slice_width, cfg.slice_width, cfg.grid)
-    g1, g2 = np.meshgrid(float(V0[0, 0]) + u, float(V0[1, 1]) + u)
+    g1, g2 = np.meshgrid(float(A0[0, 0]) + u, float(A0[1, 1]) + u)
     G = g1.size
-    V = jnp.broadcast_to(V0, (G,) + V0.shape)
-    V = V.at[:, 0, 0].set(jnp.asarray(g1.ravel())).at[:, 1, 1].set(jnp.asarray(g2.ravel()))
     A = jnp.broadcast_to(A0, (G,) + A0.shape)
+    A = A.at[:, 0, 0].set(jnp.asarray(g1.ravel())).at[:, 1, 1].set(jnp.asarray(g2.ravel()))
+    V = jnp.broadcast_to(V0, (G,) + V0.shape)
     grad = mf.gradient_field(sol.states[l], tokens.w, sol.adjoints[l], {"A": A, "V": V})
-    d1 = -np.asarray(grad["V"][:, 0, 0]).reshape(g1.shape)
-    d2 = -np.asarray(grad["V"][:, 1, 1]).reshape(g1.shape)
+    d1 = -np.asarray(grad["A"][:, 0, 0]).reshape(g1.shape)
+    d2 = -np.asarray(grad["A"][:, 1, 1]).reshape(g1.shape)
     progress(f"gradient field on a {cfg.grid}x{cfg.grid} slice at s = {l}/{cfg.layers}")
 
     fig, ax = new_figure(6.0, 4.6)
     speed = np.hypot(d1, d2)
     ax.streamplot(g1, g2, d1, d2, color=speed, cmap="viridis", density=1.0, linewidth=0.8)
     ax.quiver(g1, g2, d1, d2, speed, cmap="viridis", alpha=0.6)
-    pv = np.asarray(heads.V[l])
+    pv = np.asarray(heads.A[l])
     ax.scatter(pv[:, 0, 0], pv[:, 1, 1], c="k", s=18, label=f"heads of layer {l} (projected)")
     ax.scatter([pv[m, 0, 0]], [pv[m, 1, 1]], facecolors="none", edgecolors="r", s=120,
                label=f"head {m} (slice centre)")
     ax.set_xlim(g1.min(), g1.max())
     ax.set_ylim(g2.min(), g2.max())
-    ax.set_xlabel("V₁₁ of the head (other entries fixed)")
-    ax.set_ylabel("V₂₂")
+    ax.set_xlabel("A₁₁ of the head (other entries fixed)")
+    ax.set_ylabel("A₂₂")
     ax.set_title(f"−∇θG(s={l}/{cfg.layers}, θ): explicit gradient field")
     ax.legend(fontsize=8, loc="upper right")
     save_figure(fig, out, "gradient_field.png")
-    return {"layer": l, "head": m, "coordinates": ["V[0,0]", "V[1,1]"],
+    return {"layer": l, "head": m, "coordinates": ["A[0,0]", "A[1,1]"],
             "max_speed": float(speed.max()), "min_speed": float(speed.min())}
 
 

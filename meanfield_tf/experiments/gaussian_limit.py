@@ -227,7 +227,7 @@ def _figure(results: dict, out: Path) -> None:
     table = results["table"]
     ns = np.array([r["n"] for r in table], float)
     grid = np.geomspace(ns.min() / 1.3, ns.max() * 1.3, 50)
-    labels = {"w2": "W2 (Sinkhorn)", "mean_error": "|m̂ − m₁|", "cov_error": "‖Σ̂ − Σ₁‖_F"}
+    labels = {"w2": "W2", "mean_error": "|m̂ − m₁|", "cov_error": "‖Σ̂ − Σ₁‖_F"}
     for i, key in enumerate(("w2", "mean_error", "cov_error")):
         fit = results["fits"][key]
         ax.errorbar(ns, [r[key] for r in table], yerr=[r[key + "_stderr"] for r in table],
