@@ -8,7 +8,24 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
+
+
+class _IntermixedParser(argparse.ArgumentParser):
+    """Accepts options between positionals (`run NAME --out D key=value`): argparse otherwise
+    consumes the `key=value` positionals at their first occurrence only."""
+
+    _busy = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._busy:  # parse_known_intermixed_args calls back into parse_known_args
+            return super().parse_known_args(args, namespace)
+        self._busy = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._busy = False
 
 
 def register(sub) -> None:
@@ -18,7 +35,8 @@ def register(sub) -> None:
         description="Experiments reproducing each claim of the paper, with figures, numbers and a "
         "generated results page.",
     )
-    esub = p.add_subparsers(dest="experiment_command", metavar="ACTION")
+    esub = p.add_subparsers(dest="experiment_command", metavar="ACTION",
+                            parser_class=_IntermixedParser)
     p.set_defaults(func=None, default_func=lambda args: (p.print_help(), 0)[1])
 
     pl = esub.add_parser("list", help="list the experiments with their claims",

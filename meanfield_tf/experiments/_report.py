@@ -68,7 +68,7 @@ def _machine_line(manifest: dict) -> str:
 
 
 def write_report(run_dirs: list[Path | str], out: Path | str = "docs/results.md",
-                 figures: Path | str = "docs/figures", argv: list[str] | None = None) -> Path:
+                 figures: Path | str = "docs/figures") -> Path:
     """Write the Markdown page `out` from `run_dirs`, copying figures into `figures`."""
     runs = expand_run_dirs(run_dirs)
     out = Path(out)
@@ -78,12 +78,13 @@ def write_report(run_dirs: list[Path | str], out: Path | str = "docs/results.md"
     loaded = [(run, *_load(run)) for run in runs]
 
     today = datetime.date.today().isoformat()
-    command = "meanfield-tf experiment report " + " ".join(map(str, run_dirs))
     lines = [
         "# Results: the paper's claims, reproduced",
         "",
-        f"Generated on {today} by `{argv and ' '.join(argv) or command}` from the run directories "
-        "below; every number is read from a run's `results.json`.",
+        f"Generated on {today} by `meanfield-tf experiment report` from {len(loaded)} run "
+        "directories (one per experiment below); every number is read from a run's "
+        "`results.json`, every figure is the run's own PNG. Each section gives the command that "
+        "reproduces its run.",
         "",
         "| experiment | claim | run on | date | wall time | size |",
         "|---|---|---|---|---|---|",
@@ -108,13 +109,14 @@ def write_report(run_dirs: list[Path | str], out: Path | str = "docs/results.md"
             module = None
             lines += [f"_(experiment module unavailable: {err})_", ""]
         for png in sorted((run / "figures").glob("*.png")) if (run / "figures").is_dir() else []:
-            if png.stat().st_size > MAX_FIGURE_BYTES:
-                target = png.resolve()
-            else:
-                target = figures / f"{name}-{png.name}"
-                shutil.copyfile(png, target)
-            rel = os.path.relpath(target, out.parent.resolve() if target.is_absolute()
-                                  else out.parent)
+            size = png.stat().st_size
+            if size > MAX_FIGURE_BYTES:  # keep the docs small: say so instead of copying
+                lines += [f"_(figure {png.name} not copied: {size} bytes > "
+                          f"{MAX_FIGURE_BYTES}; see the run directory)_", ""]
+                continue
+            target = figures / f"{name}-{png.name}"
+            shutil.copyfile(png, target)
+            rel = os.path.relpath(target, out.parent)
             lines += [f"![{name}: {png.stem}]({Path(rel).as_posix()})", ""]
         if module is not None:
             lines += [format_table(module.rows(res), fmt="markdown"), "",

@@ -232,6 +232,23 @@ def _versions() -> dict[str, str | None]:
     return out
 
 
+def _git_commit() -> str | None:
+    """The commit of the source tree this package runs from (`-dirty` if modified), or None."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                              text=True, timeout=5)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=here, capture_output=True, text=True, timeout=5).stdout.strip()
+        return head.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def reproduce_command(name: str, quick: bool, seeds: int | None,
                       overrides: dict[str, Any]) -> str:
     """The one-experiment command line that reproduces a run."""
@@ -270,8 +287,6 @@ def run_experiment(name: str, out: Path | str | None = None, *, quick: bool = Fa
     anything is written.
     """
     import yaml
-
-    from ..run import _git_commit
 
     module = get(name)
     name = module.NAME

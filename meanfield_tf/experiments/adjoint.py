@@ -21,7 +21,8 @@ $\|D_{\text{method}} - D_{\text{ref}}\| / \|D_{\text{ref}}\|$ over the direction
 
 **Gradient field.** $\nabla_\theta G(s, \theta)$ at depth $s = l/L$ (`slice_layer`), from
 `explicit_adjoint` (states and adjoints at $s$) and `gradient_field` on a grid of
-$(A_{11}, A_{22})$ around head `slice_head` (its other entries fixed; a slice in $V$ would show
+$(A_{11}, A_{22})$ around head `slice_head` (its other entries fixed; the window covers
+`slice_width` around it and every particle of the layer; a slice in $V$ would show
 a constant field, since $a_\theta$ is linear in $V$); the figure draws
 $-\nabla_\theta G$ (the direction particles move in training) with the layer's particles
 projected on the slice.
@@ -231,8 +232,13 @@ def _gradient_field(cfg: Config, out: Path, progress) -> dict:
     sol = mf.explicit_adjoint(heads, tokens, risk, **_solve_kwargs(cfg, min(cfg.rtols)))
     l, m = cfg.slice_layer, cfg.slice_head
     A0, V0 = heads.A[l, m], heads.V[l, m]
-    u = np.linspace(-cfg.slice_width, cfg.slice_width, cfg.grid)
-    g1, g2 = np.meshgrid(float(A0[0, 0]) + u, float(A0[1, 1]) + u)
+    pa = np.asarray(heads.A[l])  # the layer's particles, to be drawn on the slice
+    w = cfg.slice_width
+    lo1 = min(float(A0[0, 0]) - w, pa[:, 0, 0].min() - 0.2)
+    hi1 = max(float(A0[0, 0]) + w, pa[:, 0, 0].max() + 0.2)
+    lo2 = min(float(A0[1, 1]) - w, pa[:, 1, 1].min() - 0.2)
+    hi2 = max(float(A0[1, 1]) + w, pa[:, 1, 1].max() + 0.2)
+    g1, g2 = np.meshgrid(np.linspace(lo1, hi1, cfg.grid), np.linspace(lo2, hi2, cfg.grid))
     G = g1.size
     A = jnp.broadcast_to(A0, (G,) + A0.shape)
     A = A.at[:, 0, 0].set(jnp.asarray(g1.ravel())).at[:, 1, 1].set(jnp.asarray(g2.ravel()))
@@ -246,7 +252,7 @@ def _gradient_field(cfg: Config, out: Path, progress) -> dict:
     speed = np.hypot(d1, d2)
     ax.streamplot(g1, g2, d1, d2, color=speed, cmap="viridis", density=1.0, linewidth=0.8)
     ax.quiver(g1, g2, d1, d2, speed, cmap="viridis", alpha=0.6)
-    pv = np.asarray(heads.A[l])
+    pv = pa
     ax.scatter(pv[:, 0, 0], pv[:, 1, 1], c="k", s=18, label=f"heads of layer {l} (projected)")
     ax.scatter([pv[m, 0, 0]], [pv[m, 1, 1]], facecolors="none", edgecolors="r", s=120,
                label=f"head {m} (slice centre)")
