@@ -30,7 +30,7 @@ def test_mean_field_limit_rate(tmp_path):
     assert abs(res["constant"] / res["predicted_constant"] - 1) < 0.25
     assert res["reference_check"]["passes"]
     assert (tmp_path / "figures" / "error_vs_LM.png").is_file()
-    assert mod.rows(res) and "slope" in mod.discussion(res)
+    assert mod.rows(res) and f"{res['slope']:.3f}" in mod.discussion(res)
 
 
 def test_gaussian_limit_rate(tmp_path):

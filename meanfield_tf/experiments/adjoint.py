@@ -27,8 +27,10 @@ a constant field, since $a_\theta$ is linear in $V$); the figure draws
 $-\nabla_\theta G$ (the direction particles move in training) with the layer's particles
 projected on the slice.
 
-**Cost** (2-core CPU shared with other jobs): `--quick` ≈ 1 min, full size ≈ 2 min, mostly
-compilation (measured 2026-11-30, `meanfield-tf experiment run adjoint [--quick]`).
+**Cost** (float64; wall clock on a 2-core CPU shared with about six other jobs, 2026-11-30,
+`python -m meanfield_tf experiment run adjoint [--quick]`): `--quick` ≈ 6 min (50 s of CPU
+time), mostly compilation of the three methods and the vectorised finite differences; the full
+size adds seeds and one tolerance (no recompilation) — see the run's manifest for its wall time.
 """
 
 from __future__ import annotations

@@ -27,9 +27,11 @@ reference) and is orders of magnitude below the sampling errors.
 $\approx -1/2$. The W2 distance between two $n$-samples in $d = 2$ decays like
 $\sqrt{\log n / n}$ (a slightly shallower exponent than $-1/2$ at these $n$).
 
-**Cost** (2-core CPU shared with other jobs, float64): `--quick` (n ≤ 1024, 5 seeds) ≈ 1 min;
-full size (n ≤ 8192, 20 seeds) ≈ 45 min on CPU, dominated by the exact assignment at n = 8192
-(≈ 2 min each) (measured 2026-11-30, `meanfield-tf experiment run gaussian-limit [--quick]`).
+**Cost** (float64; wall clock on a 2-core CPU shared with about six other jobs, 2026-11-30,
+`python -m meanfield_tf experiment run gaussian-limit [--quick]`): `--quick` (n ≤ 1024, 5 seeds)
+≈ 3 min (33 s of CPU time). Full size (n ≤ 8192, 20 seeds): not run on CPU here; estimated
+≈ 45 min of CPU, dominated by the exact assignment at n = 8192 (≈ 2 min each, O(n^2.7)
+measured up to n = 2048) — use `w2_method=sinkhorn` on a GPU.
 """
 
 from __future__ import annotations

@@ -23,8 +23,10 @@ $\mathbb{E}|X_1 - X_0|^2 \approx \frac{1}{LM}\,\mathbb{E}_\theta \frac1n\sum_k |
 slope $-1/2$ and `predicted_constant` $= (\mathbb{E}_\theta \frac1n\sum_k|a_\theta(x_k)|^2)^{1/2}$
 (estimated on the reference heads, independently of the simulator).
 
-**Cost** (float64, 2-core CPU shared with other jobs): `--quick` ≈ 15 s; full size ≈ 60 s
-(measured 2026-11-30, `meanfield-tf experiment run mean-field-limit [--quick]`).
+**Cost** (float64; wall clock on a 2-core CPU shared with about six other jobs, 2026-11-30,
+`python -m meanfield_tf experiment run mean-field-limit [--quick]`): `--quick` ≈ 4 min (77 s of
+CPU time), full size ≈ 10.5 min; mostly compilation (one per (L, M)) and the two 10^5-head
+naive references. On an idle machine expect a third of that.
 """
 
 from __future__ import annotations
