@@ -29,8 +29,8 @@ projected on the slice.
 
 **Cost** (float64; wall clock on a 2-core CPU shared with about six other jobs, 2026-11-30,
 `python -m meanfield_tf experiment run adjoint [--quick]`): `--quick` ≈ 6 min (50 s of CPU
-time), mostly compilation of the three methods and the vectorised finite differences; the full
-size adds seeds and one tolerance (no recompilation) — see the run's manifest for its wall time.
+time), full size ≈ 16 min (5 problems, 4 tolerances); mostly compilation of the three methods
+and the vectorised finite differences, then ~90 s per random problem.
 """
 
 from __future__ import annotations
