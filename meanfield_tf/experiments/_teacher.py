@@ -79,35 +79,50 @@ class Trajectory:
     heads: mf.HeadMeasure
 
 
-def train(heads: mf.HeadMeasure, batch: mf.Batch, *, tau: float, steps: int,
-          solve_kwargs: dict, snapshot_every: int = 0,
-          progress: Callable[[str], None] | None = None, label: str = "") -> Trajectory:
-    """`steps` steps of plain gradient descent on the mean-field gradient (explicit Euler of the
-    flow, step `tau`), with the jitted `make_train_step`. Snapshots of the heads every
-    `snapshot_every` steps (and at the last one) when positive."""
-    value_and_grad = mf.MeanFieldGradient(**solve_kwargs)
-    optimizer = mf.gradient_flow_optimizer(jnp.asarray(tau, jnp.float64))
-    step = mf.make_train_step(value_and_grad, optimizer)
-    state = optimizer.init(heads.params)
-    losses, norms, snaps = [], [], {}
-    for k in range(steps):
-        if snapshot_every and k % snapshot_every == 0:
-            snaps[k] = heads
-        heads, state, info = step(heads, state, batch)
-        losses.append(info.loss)
-        norms.append(info.grad_norm)
-        if progress is not None and steps >= 10 and (k + 1) % (steps // 4) == 0:
-            progress(f"{label} step {k + 1}/{steps} loss {float(info.loss):.3e}")
-    final_loss, _ = value_and_grad(heads, batch)
-    losses.append(final_loss)
-    if snapshot_every:
-        snaps[steps] = heads
-    loss = np.asarray(jnp.stack(losses), dtype=float)
-    if not np.all(np.isfinite(loss)):
-        raise mf.TrainingDiverged(f"{label}: the loss became non-finite; lower step_fraction")
-    path = float(tau * np.sum(np.asarray(jnp.stack(norms), dtype=float)))
-    return Trajectory(t=tau * np.arange(steps + 1), loss=loss, path_length=path,
-                      snapshots=snaps, heads=heads)
+class Trainer:
+    """One jitted training step (`make_train_step` on `MeanFieldGradient` with the depth-solve
+    options `solve_kwargs`, optimiser `gradient_flow_optimizer`) reused by every run of an
+    experiment: the step size is the injected learning rate, so runs with different `tau` (and
+    the same shapes) share one compilation. Also a jitted `conditional_w2`."""
+
+    def __init__(self, solve_kwargs: dict):
+        import equinox as eqx
+
+        self.value_and_grad = mf.MeanFieldGradient(**solve_kwargs)
+        self.optimizer = mf.gradient_flow_optimizer(jnp.asarray(1.0, jnp.float64))
+        self.step = mf.make_train_step(self.value_and_grad, self.optimizer)
+        self._loss = eqx.filter_jit(lambda h, b: self.value_and_grad(h, b)[0])
+        self._w2 = eqx.filter_jit(lambda h, r: mf.conditional_w2(h, r)[0])
+
+    def w2c(self, heads: mf.HeadMeasure, reference: mf.HeadMeasure) -> float:
+        """$W_{2,c}(\\nu, \\nu')$ (`conditional_w2`, jitted)."""
+        return float(self._w2(heads, reference))
+
+    def train(self, heads: mf.HeadMeasure, batch: mf.Batch, *, tau: float, steps: int,
+              snapshot_every: int = 0, progress: Callable[[str], None] | None = None,
+              label: str = "") -> Trajectory:
+        """`steps` steps of plain gradient descent on the mean-field gradient (explicit Euler of
+        the flow, step `tau`). Snapshots of the heads every `snapshot_every` steps (and at the
+        last one) when positive."""
+        state = mf.set_learning_rate(self.optimizer.init(heads.params), tau)
+        losses, norms, snaps = [], [], {}
+        for k in range(steps):
+            if snapshot_every and k % snapshot_every == 0:
+                snaps[k] = heads
+            heads, state, info = self.step(heads, state, batch)
+            losses.append(info.loss)
+            norms.append(info.grad_norm)
+            if progress is not None and steps >= 100 and (k + 1) % (steps // 2) == 0:
+                progress(f"{label} step {k + 1}/{steps} loss {float(info.loss):.3e}")
+        losses.append(self._loss(heads, batch))
+        if snapshot_every:
+            snaps[steps] = heads
+        loss = np.asarray(jnp.stack(losses), dtype=float)
+        if not np.all(np.isfinite(loss)):
+            raise mf.TrainingDiverged(f"{label}: the loss became non-finite; lower step_fraction")
+        path = float(tau * np.sum(np.asarray(jnp.stack(norms), dtype=float)))
+        return Trajectory(t=tau * np.arange(steps + 1), loss=loss, path_length=path,
+                          snapshots=snaps, heads=heads)
 
 
 def late_slope(t: np.ndarray, loss: np.ndarray) -> float:

@@ -215,6 +215,8 @@ _COLORS = {"mod_affine": "C0", "hessian": "C1", "ntk_A": "C2", "mod_constants": 
 
 
 def _figures(results: dict, out: Path) -> None:
+    from matplotlib.ticker import NullFormatter
+
     cases = results["cases"]
     fig, ax = figure(7.0, 4.2)
     x = np.arange(len(cases))
@@ -247,8 +249,13 @@ def _figures(results: dict, out: Path) -> None:
         for k in _TESTS:
             ax.plot(z, np.maximum([r[f"{k}_ratio"] for r in rows], floor), "o-", ms=3,
                     color=_COLORS[k], label=k)
+        ax.hlines(max(results["thresholds"].values()), z[0], z[-1], colors="k", linestyles=":",
+                  lw=0.8, label="largest threshold")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xticks(z[:: max(1, len(z) // 4)])
+        ax.set_xticklabels([f"{v:.3g}" for v in z[:: max(1, len(z) // 4)]])
         ax.set_xlabel(r"$\sigma_z$")
         ax.set_title(f"{name}", fontsize=9)
     axes[0].set_ylabel(r"$\sigma_{\min}/\sigma_{\max}$")
