@@ -10,8 +10,9 @@ $O(1/\sqrt{LM})$ from the random initial particles.
 fixed by `seed`; readout-query risk $R = \frac1N\sum_i\frac12|Y_i - Y^*_i|^2$. Every model starts
 from `symmetric_heads` (the same head law; zero velocity, so $Y(\nu_0) = e$ and $R_0$ is the same
 for every size and seed) and is trained by plain gradient descent on $g = LM\,\partial
-R/\partial\theta$ with one step $\tau = $ `step_fraction` $\cdot N/\lambda_{\max}(K)$ and one
-horizon $T = $ `horizon` $\cdot N/\lambda_{\min}(K)$, $K$ the NTK of the largest model at seed 0:
+R/\partial\theta$ with one step $\tau = $ `step_fraction` $\cdot N/\max\lambda_{\max}$ (the largest NTK
+eigenvalue over every size and seed, so every run is a stable Euler scheme) and one horizon
+$T = $ `horizon` $\cdot N/\lambda_{\min}(K)$, $K$ the NTK of the largest model at seed 0:
 every curve lives on the same time grid. Seeds draw the head particles.
 
 **The gap.** With $\bar\ell(t)$ the seed-mean of $\log R$ of the largest model,
@@ -25,7 +26,7 @@ sizes (the fluctuation picture predicts $-1/2$).
 "lambda_max", "step_ratio"}], "gaps": [{"L", "M", "LM", "inv_sqrt_LM", "gap", "gap_stderr",
 "sup_gap", "sup_gap_stderr"}], "slope", "curves": {"t": [...], "LM": {"<LM>": {"mean_log_loss",
 "stderr"}}}, "settings": {...}}` (`lambda_*` the seed-mean NTK extremes at initialisation,
-`step_ratio` = max over seeds of $\tau\lambda_{\max}/N$, < 2 for a stable Euler step; the curves
+`step_ratio` = max over seeds of $\tau\lambda_{\max}/N$, at most `step_fraction`; the curves
 are subsampled to at most 200 times).
 
 **CPU time** (2-core CPU shared with other jobs, 2026-11-30): see docs/results.md.
@@ -119,9 +120,11 @@ def run(cfg: Config, out: Path, progress: Callable[[str], None]) -> dict:
     def heads_of(L, M, s):
         return mf.symmetric_heads(jax.random.fold_in(kh, s), L, M, _DIM, dtype=jnp.float64)
 
-    K = ntk_spectrum(heads_of(*sizes[-1], 0), tokens_q, e, kw)
-    tau = cfg.step_fraction * N / float(K.lambda_max)
-    steps = math.ceil(cfg.horizon * N / float(K.lambda_min) / tau)
+    spectra = {(L, M, s): ntk_spectrum(heads_of(L, M, s), tokens_q, e, kw)
+               for L, M in sizes for s in range(cfg.seeds)}
+    lmax_all = max(float(k.lambda_max) for k in spectra.values())
+    tau = cfg.step_fraction * N / lmax_all
+    steps = math.ceil(cfg.horizon * N / float(spectra[(*sizes[-1], 0)].lambda_min) / tau)
     if steps > cfg.max_steps:
         raise mf.ConfigError(f"the runs need {steps} steps > max_steps={cfg.max_steps}; lower "
                              f"horizon or raise max_steps")
@@ -129,14 +132,12 @@ def run(cfg: Config, out: Path, progress: Callable[[str], None]) -> dict:
     trainer = Trainer(kw)
     logs, runs = {}, []
     for L, M in sizes:
-        curves, finals, lmins, lmaxs = [], [], [], []
+        curves, finals = [], []
+        lmins = [float(spectra[(L, M, s)].lambda_min) for s in range(cfg.seeds)]
+        lmaxs = [float(spectra[(L, M, s)].lambda_max) for s in range(cfg.seeds)]
         for s in range(cfg.seeds):
-            h0 = heads_of(L, M, s)
-            Ks = ntk_spectrum(h0, tokens_q, e, kw)
-            lmins.append(float(Ks.lambda_min))
-            lmaxs.append(float(Ks.lambda_max))
-            traj = trainer.train(h0, batch, tau=tau, steps=steps, progress=progress,
-                                 label=f"L={L} M={M} seed {s}")
+            traj = trainer.train(heads_of(L, M, s), batch, tau=tau, steps=steps,
+                                 progress=progress, label=f"L={L} M={M} seed {s}")
             curves.append(np.log(traj.loss))
             finals.append(float(traj.loss[-1]))
         logs[L * M] = np.stack(curves)
