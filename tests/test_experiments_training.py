@@ -10,7 +10,12 @@ import pytest
 
 import meanfield_tf as mf
 from meanfield_tf.experiments import convergence, injectivity, width_depth
-from meanfield_tf.experiments._teacher import Trainer, generic_sequences, ntk_spectrum, readout
+from meanfield_tf.experiments._teacher import (
+    Trainer,
+    generic_sequences,
+    ntk_spectrum,
+    readout,
+)
 
 
 def _logsumexp(a, axis):

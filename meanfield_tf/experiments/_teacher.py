@@ -20,8 +20,8 @@ is stable (monotone on every mode) when $\tau \lambda_{\max}(K) / N < 1$.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import jax
 import jax.numpy as jnp

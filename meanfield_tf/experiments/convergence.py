@@ -60,13 +60,23 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from ._teacher import (enable_float64, figure, generic_sequences, late_slope, mean_stderr,
-                       ntk_spectrum, readout, readout_query, save, Trainer)
+from ._teacher import (
+    Trainer,
+    enable_float64,
+    figure,
+    generic_sequences,
+    late_slope,
+    mean_stderr,
+    ntk_spectrum,
+    readout,
+    readout_query,
+    save,
+)
 
 NAME = "convergence"
 CLAIM = ("With an injective NTK the mean-field gradient flow converges globally from a small "
@@ -177,7 +187,7 @@ def _one_seed(cfg: Config, s: int, trainer: Trainer, progress) -> dict:
         raise mf.ConfigError(f"the run needs {steps} steps (condition number {lmax / lmin:.0f}) > "
                              f"max_steps={cfg.max_steps}; lower horizon or raise max_steps")
     every = max(1, steps // cfg.snapshots)
-    forward = lambda h, t: mf.flow(h, t, **kw).x  # noqa: E731
+    forward = lambda h, t: mf.flow(h, t, **kw).x
     noise = mf.gaussian_heads(kxi, L, M, _DIM, dtype=jnp.float64)
     runs = []
     for eps in cfg.epsilons:
@@ -315,17 +325,17 @@ def _figures(per_seed: list[dict], results: dict, out: Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("training time t")
     ax.set_ylabel(r"$R_t / R_0$")
-    ax.set_title("Global convergence from small loss (L=%d, M=%d), one line per seed"
-                 % (results["settings"]["num_layers"], results["settings"]["num_heads"]),
-                 fontsize=9)
+    st = results["settings"]
+    ax.set_title(f"Global convergence from small loss (L={st['num_layers']}, "
+                 f"M={st['num_heads']}), one line per seed", fontsize=9)
     ax.legend(fontsize=7)
     save(fig, out, "convergence_loss")
 
     fig, ax = figure()
     for i, row in enumerate(results["runs"]):
         for j, p in enumerate(per_seed):
-            sn = p["runs"][i]["snapshots"]
-            ax.plot(sn["t"], sn["w2c"], "o-", color=colors[i], ms=3, lw=1,
+            sn = p["runs"][i]["snapshots"]  # t = 0 (distance 0) left out of the log scale
+            ax.plot(sn["t"][1:], sn["w2c"][1:], "o-", color=colors[i], ms=3, lw=1,
                     label=f"ε = {row['epsilon']:g}" if j == 0 else None)
             ax.axhline(p["runs"][i]["w2c_bound"], color=colors[i], ls="--", lw=0.8,
                        label=r"bound $\sqrt{2NR_0/\lambda_0}$" if (j == 0 and i == 0) else None)

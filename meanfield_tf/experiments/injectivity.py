@@ -48,8 +48,8 @@ verdicts of `mod_affine` / `mod_constants`.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -110,7 +110,7 @@ def _cases(seed: int):
         weights = (mu.weights[:, None] * nu.weights[None, :]).reshape(-1)
         return mf.Discrete(atoms, weights)
 
-    low = lambda: jnp.asarray(rng.uniform(-1, 0, 2), f64)  # noqa: E731
+    low = lambda: jnp.asarray(rng.uniform(-1, 0, 2), f64)
     boxes = []
     for size in ([1.0, 1.0], [2.0, 0.5], [0.5, 1.5]):
         lo = low()
@@ -284,7 +284,7 @@ def discussion(results: dict) -> str:
     right = sum(c["verdicts_right"] for c in cases)
     agree = sum(c["tests_agree"] for c in cases)
     weakest = min(indep, key=lambda c: c["mod_affine_ratio"])
-    worst_dep = max((c[f"{k}_ratio"] for c in ctrl for k in ("mod_affine", "hessian", "ntk_A")))
+    worst_dep = max(c[f"{k}_ratio"] for c in ctrl for k in ("mod_affine", "hessian", "ntk_A"))
     sweep = [r for r in results["z_scale_sweep"] if r["name"] == weakest["name"]]
     txt = (
         f"Over {len(cases)} cases ({len(indep)} independent families, {len(ctrl)} negative "

@@ -35,14 +35,23 @@ are subsampled to at most 200 times).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from ._teacher import (Trainer, enable_float64, figure, generic_sequences, mean_stderr,
-                       ntk_spectrum, readout_query, save)
+from ._teacher import (
+    Trainer,
+    enable_float64,
+    figure,
+    generic_sequences,
+    mean_stderr,
+    ntk_spectrum,
+    readout_query,
+    save,
+)
 
 NAME = "width-depth"
 CLAIM = ("Training curves of the finite transformer (L layers, M heads) converge to the "
@@ -217,13 +226,13 @@ def rows(results: dict) -> list[dict]:
 def discussion(results: dict) -> str:
     """One paragraph from the numbers of `results`."""
     g, r = results["gaps"], results["runs"]
-    shrink = all(a["gap"] > b["gap"] for a, b in zip(g[:-1], g[1:]))
+    shrink = all(a["gap"] > b["gap"] for a, b in itertools.pairwise(g))
     return (
         f"Trained on one task for the same time (T = {results['settings']['T']:.3g}, "
         f"{results['settings']['steps']} Euler steps, {results['settings']['seeds']} seeds), the "
         f"mean log-loss curves of (L, M) = "
         + ", ".join(f"({x['L']}, {x['M']})" for x in r)
-        + f" have L² gaps to the largest model's mean curve of "
+        + " have L² gaps to the largest model's mean curve of "
         + ", ".join(f"{x['gap']:.3g} ± {x['gap_stderr']:.2g}" for x in g)
         + f" ({'shrinking' if shrink else 'NOT monotonically shrinking'} with L·M; the last "
         f"is the largest model's own seed scatter). The fitted exponent of the gap in L·M is "
@@ -232,6 +241,6 @@ def discussion(results: dict) -> str:
         f"initialisation is "
         + ", ".join(f"{x['lambda_min']:.3g}" for x in r)
         + ": finite-LM kernels differ from the limit's, so the log-loss gaps accumulate along "
-        f"training time and depend on the horizon, a departure from a uniform-in-time "
-        f"1/√(LM) statement."
+        "training time and depend on the horizon, a departure from a uniform-in-time "
+        "1/√(LM) statement."
     )
