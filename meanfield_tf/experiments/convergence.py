@@ -56,8 +56,10 @@ third of $\log R$ against $t$, `slope_ratio` is late/predicted per seed (then av
 (present in both) from the NTK moving (only in the trained run); `lambda_min`/`lambda_max` are those of $K_0$ (the same for all
 $\varepsilon$), `lambda_min_end` of $K_{\nu_T}$.
 
-**CPU time** (2-core CPU shared with other jobs, 2026-11-30): see the measured lines in
-docs/results.md (`--quick` ~ 1–2 min).
+**CPU time** (2-core CPU shared with other jobs, 2026-11-30, `meanfield-tf experiment run
+convergence`): `--quick` (L = 4, M = 16, 2 seeds) 76 s of CPU (283 s wall under a load average
+of about 20). The defaults (L = 8, M = 64, 5 seeds, about 2000 Euler steps per run) were not
+completed on that machine: one run went at about 0.4 s of wall time per step under that load.
 """
 
 from __future__ import annotations

@@ -41,8 +41,9 @@ a control (`convolution`) for $\sigma_z$ on a geometric grid.
 "seeds"}`. `ntk_ratio` is the full NTK (A and V blocks together); `independent_*` are the
 verdicts of `mod_affine` / `mod_constants`.
 
-**CPU time** (2-core CPU shared with other jobs, 2026-11-30): `--quick` about 1 min; defaults
-(S = 512, 5 seeds) see the module's measured line in docs/results.md.
+**CPU time** (2-core CPU shared with other jobs, 2026-11-30, `meanfield-tf experiment run
+injectivity`): `--quick` 18 s of CPU (57 s wall); defaults (S = 512, 5 seeds) 31 s of CPU
+(316 s wall under a load average of about 20).
 """
 
 from __future__ import annotations

@@ -29,7 +29,10 @@ sizes (the fluctuation picture predicts $-1/2$).
 `step_ratio` = max over seeds of $\tau\lambda_{\max}/N$, at most `step_fraction`; the curves
 are subsampled to at most 200 times).
 
-**CPU time** (2-core CPU shared with other jobs, 2026-11-30): see docs/results.md.
+**CPU time** (2-core CPU shared with other jobs, 2026-11-30, `meanfield-tf experiment run
+width-depth`): `--quick` ((2, 8), (4, 16), (8, 64), 3 seeds, 1191 steps) 88 s of CPU (374 s
+wall under a load average of about 20). The defaults (L·M up to 16384, 32 times the largest quick
+model) were not run on that machine; they are meant for a GPU.
 """
 
 from __future__ import annotations
