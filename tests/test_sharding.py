@@ -139,8 +139,8 @@ def test_checkpoint_resumes_on_same_and_different_mesh(extended):
 @pytest.fixture(scope="module")
 def layouts():
     """Every mesh of the grid (2x2, 4x1, 1x4): how gradients, optimiser state, the NTK Jacobian
-    and a restored checkpoint are laid out (~20 small compiles)."""
-    return _run_worker("layouts")
+    and a restored checkpoint are laid out (~20 small compiles, ~2.5 min of CPU)."""
+    return _run_worker("layouts", timeout=1800.0)
 
 
 HEADS_SPEC = [None, "heads", None, None]
