@@ -15,6 +15,8 @@ and its value must parse as that field's type (`int`, `float`, `bool`, `str`, tu
 
 from __future__ import annotations
 
+import jax
+
 import dataclasses
 import datetime
 import json
@@ -208,7 +210,6 @@ def _write_json(path: Path, data) -> None:
 
 def machine() -> dict[str, Any]:
     """Where the run happens: platform, CPU count, backend and devices."""
-    import jax
 
     return {
         "platform": platform.platform(),
@@ -325,12 +326,14 @@ def run_experiment(name: str, out: Path | str | None = None, *, quick: bool = Fa
     t0 = time.perf_counter()
     status = "failed"
     try:
-        results = module.run(cfg, out, progress)
+        x64 = bool(jax.config.jax_enable_x64)
+        try:
+            results = module.run(cfg, out, progress)
+        finally:  # an experiment's precision does not leak into the next one
+            jax.config.update("jax_enable_x64", x64)
         status = "done"
     finally:
         ended = datetime.datetime.now(datetime.timezone.utc)
-        import jax
-
         manifest.update(status=status, ended=ended.isoformat(timespec="seconds"),
                         wall_seconds=round(time.perf_counter() - t0, 2),
                         x64_after_run=bool(jax.config.jax_enable_x64))

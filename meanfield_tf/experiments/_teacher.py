@@ -29,6 +29,8 @@ import numpy as np
 
 import meanfield_tf as mf
 
+from ._common import mean_and_stderr, new_figure, save_figure
+
 
 def enable_float64() -> None:
     """The training and certificate experiments run in float64 (rounding-level tests, loss decays
@@ -37,10 +39,9 @@ def enable_float64() -> None:
 
 
 def mean_stderr(values) -> tuple[float, float]:
-    """Mean and standard error of the mean (0 for one value)."""
-    a = np.asarray(values, dtype=float)
-    se = float(a.std(ddof=1) / np.sqrt(a.size)) if a.size > 1 else 0.0
-    return float(a.mean()), se
+    """Mean and standard error of the mean (0 for one value), as floats."""
+    mean, se = mean_and_stderr(values)
+    return float(mean), float(se)
 
 
 def readout_query(dim: int, dtype=jnp.float64):
@@ -132,22 +133,10 @@ def late_slope(t: np.ndarray, loss: np.ndarray) -> float:
 
 
 def figure(width: float = 6.0, height: float = 4.0):
-    """A small matplotlib figure (Agg backend)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt.subplots(figsize=(width, height), dpi=110)
+    """A small matplotlib figure (Agg backend): `_common.new_figure`."""
+    return new_figure(width, height)
 
 
 def save(fig, out: Path, name: str) -> Path:
-    """Write `out/figures/name.png` and close the figure."""
-    import matplotlib.pyplot as plt
-
-    path = Path(out) / "figures"
-    path.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path / f"{name}.png")
-    plt.close(fig)
-    return path / f"{name}.png"
+    """Write `out/figures/name.png` and close the figure: `_common.save_figure`."""
+    return save_figure(fig, out, f"{name}.png")

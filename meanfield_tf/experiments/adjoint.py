@@ -95,10 +95,10 @@ def _solve_kwargs(cfg: Config, rtol: float | None) -> dict:
     import meanfield_tf as mf
 
     if rtol is None:
-        return {"solver": mf.ClassicalRK4(), "stepping": mf.FixedSteps(cfg.ref_steps),
-                "kernel": mf.DenseKernel()}
-    return {"solver": diffrax.Tsit5(), "stepping": mf.AdaptiveSteps(rtol, rtol),
-            "kernel": mf.DenseKernel()}
+        return {"solver": mf.DepthSolver(mf.ClassicalRK4(), mf.FixedSteps(cfg.ref_steps),
+                                         mf.DenseKernel())}
+    return {"solver": mf.DepthSolver(diffrax.Tsit5(), mf.AdaptiveSteps(rtol, rtol),
+                                     mf.DenseKernel())}
 
 
 def _problem(key, cfg: Config):

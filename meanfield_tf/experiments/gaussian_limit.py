@@ -99,8 +99,7 @@ def _solve_kwargs(cfg: Config, n: int) -> dict:
     import meanfield_tf as mf
 
     kernel = mf.ChunkedKernel(chunk_size=512) if n > cfg.chunk_above else mf.DenseKernel()
-    return {"solver": diffrax.Tsit5(), "stepping": mf.FixedSteps(cfg.steps_per_layer),
-            "kernel": kernel}
+    return {"solver": mf.DepthSolver(diffrax.Tsit5(), mf.FixedSteps(cfg.steps_per_layer), kernel)}
 
 
 def _w2_exact(x, y) -> np.ndarray:
@@ -157,12 +156,11 @@ def _run(cfg: Config, out: Path, progress) -> dict:
     heads = mf.gaussian_heads(k_heads, cfg.layers, cfg.heads, d, scale_A=cfg.scale_A,
                               scale_V=cfg.scale_V, mean_A=cfg.mean_A, mean_V=cfg.mean_V,
                               dtype=jnp.float64)
-    exact = mf.gaussian_flow(heads, m0, S0, solver=diffrax.Tsit5(),
-                             stepping=mf.AdaptiveSteps(1e-10, 1e-12))
+    exact = mf.gaussian_flow(heads, m0, S0,
+                             mf.DepthSolver(diffrax.Tsit5(), mf.AdaptiveSteps(1e-10, 1e-12)))
     m1, S1 = exact.mean[-1], exact.cov[-1]
     coarse_kw = _solve_kwargs(cfg, 0)
-    coarse = mf.gaussian_flow(heads, m0, S0, solver=coarse_kw["solver"],
-                              stepping=coarse_kw["stepping"])
+    coarse = mf.gaussian_flow(heads, m0, S0, coarse_kw["solver"])
     depth_error = float(max(jnp.abs(coarse.mean[-1] - m1).max(), jnp.abs(coarse.cov[-1] - S1).max()))
     progress(f"exact Gaussian flow: m1={np.round(np.asarray(m1), 4).tolist()}, "
              f"Sigma1={np.round(np.asarray(S1), 4).tolist()}; depth error of the token solver "

@@ -80,7 +80,7 @@ def _solve_kwargs(cfg: Config) -> dict:
 
     import meanfield_tf as mf
 
-    return {"solver": diffrax.Euler(), "stepping": mf.FixedSteps(1), "kernel": mf.DenseKernel()}
+    return {"solver": mf.DepthSolver(diffrax.Euler(), mf.FixedSteps(1), mf.DenseKernel())}
 
 
 def _sample_heads(key, L: int, M: int, cfg: Config):
