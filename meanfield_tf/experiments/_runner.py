@@ -202,7 +202,7 @@ def _jsonable(obj):
 
 
 def _write_json(path: Path, data) -> None:
-    from ..io import atomic_write
+    from ..workflow.files import atomic_write
 
     text = json.dumps(_jsonable(data), indent=2) + "\n"
     atomic_write(path, lambda fh: fh.write(text.encode()))
