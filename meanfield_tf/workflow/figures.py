@@ -77,7 +77,7 @@ def plot_trajectories(path, xs, w=None, s=None, *, max_sequences: int = 16,
             t = np.asarray(targets)[b]
             t = t[None] if t.ndim == 1 else t
             ax.scatter(t[:, i], t[:, j], s=60 if len(t) == 1 else 10, c="C0",
-                       marker="P" if len(t) == 1 else ".", alpha=0.9, zorder=4,
+                       marker="P" if len(t) == 1 else ".", alpha=0.9, zorder=6,
                        label=target_label)
         ax.set_title(titles[b] if titles is not None and b < len(titles) else f"sequence {b}",
                      fontsize=9)
