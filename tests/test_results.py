@@ -80,3 +80,17 @@ def test_export_then_simulate_equals_the_runs_forward(run_dir, tmp_path, capsys)
     assert main(["simulate", "--tokens", str(tmp_path / "t.npz"), "--heads", str(heads_npz),
                  "--interpolation", "linear", "--out", str(tmp_path / "o2.npz")]) == 2
     assert "records interpolation 'piecewise'" in capsys.readouterr().err
+
+
+def test_eval_and_summary_say_what_they_measure(run_dir, capsys):
+    assert main(["eval", str(run_dir)]) == 0
+    said = capsys.readouterr().out
+    assert "checkpoint of step 6" in said and "on the full training set" in said
+    from meanfield_tf.workflow.evaluation import summarize
+    from meanfield_tf.workflow.rundir import RunDir
+
+    s = summarize(RunDir(run_dir))
+    r = __import__("meanfield_tf").load_run(run_dir)
+    # the smoothed loss is the mean over the last 10% of logged rows (at least one)
+    assert s["smoothed_loss"] == pytest.approx(r.train["loss"][-1], rel=1e-12)
+    assert s["wall_s"] > 0

@@ -52,6 +52,22 @@ def regression_baselines(batch, dim_x: int) -> dict[str, float]:
             "least squares": float(np.mean(0.5 * (pred - y) ** 2))}
 
 
+def _clip_bottom(ax, values, baselines) -> None:
+    """Keep the log axis on the data: a baseline far below it (an exact least-squares fit) stays
+    in the legend with its value, off the axis."""
+    values = np.asarray(values, float)
+    values = values[np.isfinite(values) & (values > 0)]
+    if not len(values):
+        return
+    if not baselines and values.max() < 10 * values.min():  # under a decade: a linear axis
+        ax.set_yscale("linear")
+        return
+    if not baselines:
+        return
+    lo = min(values.min(), *[v for v in baselines.values() if v > 0])
+    ax.set_ylim(bottom=max(lo / 3, values.min() / 1e3))
+
+
 def plot_run_loss(path, run, rows, baselines=None) -> Path:
     """`loss.png` (see the module docstring)."""
     plt = _pyplot()
@@ -86,16 +102,13 @@ def plot_run_loss(path, run, rows, baselines=None) -> Path:
         top = ax.secondary_xaxis("top", functions=(lambda t: np.interp(t, t_ext, s_ext),
                                                    lambda s: np.interp(s, s_ext, t_ext)))
         top.set_xlabel("step")
-    if baselines:
-        lo = min(loss[pos].min(), *[v for v in baselines.values() if v > 0]) \
-            if pos.any() else None
-        if lo is not None:
-            ax.set_ylim(bottom=max(lo / 3, loss[pos].min() / 1e3))
+    _clip_bottom(ax, loss[pos], baselines)
     ax.legend(fontsize=7, loc="best")
     if has_test:
         ax = axes[1]
         ok = np.isfinite(test_loss)
         ax.semilogy(tau_at(es[ok]), test_loss[ok], "o-", ms=3, color="C1", label="test loss")
+        _clip_bottom(ax, test_loss[ok], baselines)
         ax.set_xlabel("training time τ = Σ lr")
         ax.set_ylabel(f"test loss: {risk_label(run)}")
         ax.set_title("test set")
@@ -139,7 +152,8 @@ def plot_layer_particles(path, start, end, teacher=None, *, max_layers: int = 16
     N = min(start.shape[0], max_layers)
     ncol = min(N, 4)
     nrow = -(-N // ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(3.8 * ncol, 3.6 * nrow), squeeze=False)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(max(3.8 * ncol, 6.5), 3.6 * nrow + 0.4),
+                             squeeze=False)
     for l in range(nrow * ncol):
         ax = axes[l // ncol][l % ncol]
         if l >= N:
@@ -160,7 +174,7 @@ def plot_layer_particles(path, start, end, teacher=None, *, max_layers: int = 16
         ax.set_ylabel(f"PC2 ({100 * var[1]:.0f}% var.)")
         ax.set_title(f"layer {l}", fontsize=9)
     axes[0][0].legend(fontsize=7, loc="best")
-    fig.suptitle(title or "head particles θ = (A, V), PCA per layer")
+    fig.suptitle(title or "head particles θ = (A, V), PCA per layer", fontsize=10)
     return _save(plt, fig, path)
 
 
@@ -186,7 +200,7 @@ def _token_view(run, batch, max_sequences=8):
     if isinstance(task, TeacherStudent):
         return tokens, family_titles(t.tokens.families), y, (0, 1), "teacher's output"
     if isinstance(task, DistributionMatching):
-        return tokens, [f"{a} → target {b}" for a, b in zip(family_titles(t.tokens.families),
+        return tokens, [f"{a}\n→ target {b}" for a, b in zip(family_titles(t.tokens.families),
                                                             family_titles(t.targets))], \
             y, (0, 1), "target measure"
     if isinstance(task, InContextRegression):
