@@ -12,11 +12,13 @@ from .figures import _pyplot, _save
 
 
 def _w2_curve(r):
-    """`(steps, W2,c)` of a run: the frequent `w2` rows when logged, else the eval rows."""
-    cols = r.w2 if len(r.w2.get("w2", [])) else r.eval
-    if not len(cols.get("w2", [])):
-        return np.zeros(0), np.zeros(0)
-    return cols["step"], cols["w2"]
+    """`(steps, W2,c)` of a run: its eval rows and its frequent `w2` rows, merged by step."""
+    points = {}
+    for cols in (r.eval, r.w2):
+        if len(cols.get("w2", [])):
+            points.update(zip(cols["step"].tolist(), cols["w2"].tolist()))
+    steps = np.array(sorted(points), dtype=float)
+    return steps, np.array([points[k] for k in sorted(points)], dtype=float)
 
 
 def plot_comparison(path, runs, names) -> Path:
