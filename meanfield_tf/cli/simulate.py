@@ -73,8 +73,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {b:3d} | {m0:12.4g} | {m1:12.4g} | {c0:11.4g} | {c1:11.4g}")
     if args.plot:
         from ..workflow.figures import plot_trajectories
+        from ..workflow.figures_run import family_titles
 
-        plot_trajectories(args.plot, sol.xs, sim.tokens.w, sol.s,
+        titles = None if sim.families is None else family_titles(sim.cfg.tokens.families)
+        plot_trajectories(args.plot, sol.xs, sim.tokens.w, sol.s, titles=titles,
                           title=f"token trajectories (L={heads.num_layers}, M={heads.num_heads})")
         print(f"wrote {args.plot}")
     return 0
