@@ -94,3 +94,16 @@ def test_eval_and_summary_say_what_they_measure(run_dir, capsys):
     # the smoothed loss is the mean over the last 10% of logged rows (at least one)
     assert s["smoothed_loss"] == pytest.approx(r.train["loss"][-1], rel=1e-12)
     assert s["wall_s"] > 0
+
+
+def test_tolerance_below_the_dtype_resolution_warns():
+    from meanfield_tf.workflow.build import warn_tolerances
+    from meanfield_tf.workflow.config import SolverConfig
+
+    with pytest.warns(UserWarning, match=r"rtol=1e-09 is below the resolution of float32"):
+        warn_tolerances(SolverConfig(name="tsit5", rtol=1e-9, atol=1e-6), "float32")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_tolerances(SolverConfig(name="tsit5", rtol=1e-9, atol=1e-9), "float64")
