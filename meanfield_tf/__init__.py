@@ -4,6 +4,9 @@ Token measures flow through a continuous-depth neural ODE whose velocity is an a
 measure of attention heads held as particles. This module is the public face of the numerics;
 `meanfield_tf.workflow` turns YAML configs into runs, and `meanfield_tf.cli` is the command line.
 See the README and `docs/` for the maths.
+
+`meanfield_tf.load_run(path)` reads a training run directory back (its config, metrics as NumPy
+columns, and its heads at any kept checkpoint); it is loaded on first use.
 """
 
 from ._adjoint import adjoint_velocity as adjoint_velocity
@@ -102,4 +105,14 @@ from ._training import particle_norm as particle_norm
 from ._training import set_learning_rate as set_learning_rate
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # `load_run` reads run directories (YAML): imported from the application layer only when
+    # asked, so that `import meanfield_tf` stays free of it.
+    if name == "load_run":
+        from .workflow import load_run
+
+        return load_run
+    raise AttributeError(f"module 'meanfield_tf' has no attribute {name!r}")
 

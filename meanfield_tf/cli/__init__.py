@@ -14,7 +14,7 @@ import importlib
 import sys
 
 # Subcommand modules, in the order `--help` lists them.
-_COMMAND_MODULES = ("simulate", "grad", "train", "ntk", "experiment")
+_COMMAND_MODULES = ("simulate", "grad", "train", "ntk", "export", "compare", "experiment")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -30,8 +30,9 @@ def register(sub) -> None:
     io.add_argument("--tokens", required=True, help="npz with x (B,n,d) and optional w (B,n)")
     io.add_argument("--heads", required=True, help="npz with A and V, each (L,M,d,d) (or Q, K, V)")
     io.add_argument("--targets", required=True, help="npz with y (B,n,d): one target per token")
-    io.add_argument("--interpolation", choices=["piecewise", "linear"], default="piecewise",
-                    help="depth interpolation of --heads (linear: L+1 nodes)")
+    io.add_argument("--interpolation", choices=["piecewise", "linear"], default=None,
+                    help="depth interpolation of --heads (linear: L+1 nodes; default: the "
+                    "file's `interpolation` key, else piecewise)")
     io.add_argument("--method", choices=list(GRADIENT_METHODS), default="autodiff",
                     help="gradient method (default: autodiff)")
     io.add_argument("--out", default="grad.npz", help="output npz: loss, and A, V gradients")
@@ -50,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = build.dtype(args.dtype or "float32")
     flags = {k: v for k, v in options.solver_flags(args).items() if v is not None}
     solver_cfg = SolverConfig(**flags)
+    build.warn_tolerances(solver_cfg, args.dtype or "float32")
     method = build.gradient_method(args.method)
     tokens = load_tokens(args.tokens, dtype)
     heads = load_heads(args.heads, dtype, interpolation=args.interpolation)

@@ -56,4 +56,9 @@ def run(args) -> int:
     print(f"meanfield-tf ntk: {len(fams)} sequences; "
           + ", ".join(f"{k}: {v} (ratio {report[k]['ratio']:.2e})" for k, v in verdict.items())
           + f"; tests agree: {report['agree']}; report: {out}")
+    for name in ("mod_affine", "mod_constants"):  # the two moduli (the other tests agree)
+        words = certificate.dependence(report, name)
+        if words:
+            print(f"  dependent modulo {'affine functions' if name == 'mod_affine' else 'constants'}"
+                  f" ({name} null vector): {words} ≈ 0")
     return 0

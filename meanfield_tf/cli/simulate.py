@@ -23,12 +23,16 @@ def register(sub) -> None:
     src.add_argument("--heads", help="npz with A and V, each (L,M,d,d) (or Q, K, V factored)")
     src.add_argument("--config", help="YAML config generating tokens and heads (see configs/)")
     src.add_argument("--interpolation", choices=["piecewise", "linear"], default=None,
-                     help="depth interpolation of --heads (linear: L+1 nodes)")
+                     help="depth interpolation of --heads (linear: L+1 nodes; default: the "
+                     "file's `interpolation` key, as `meanfield-tf export` writes, else piecewise)")
     src.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                      help="dotted config overrides, e.g. heads.layers=16")
     options.add_solver_flags(p)
     out = p.add_argument_group("outputs")
-    out.add_argument("--out", default="simulate.npz", help="output npz: x (B,n,d), s (T,), xs (T,B,n,d)")
+    out.add_argument("--out", default="simulate.npz",
+                     help="output npz: x (B,n,d), s (T,), xs (T,B,n,d) (default simulate.npz in "
+                     "the working directory; an existing file is kept unless --force)")
+    out.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     out.add_argument("--num-saves", type=int, default=None,
                      help="save at this many uniform depths in [0, 1] (default: every layer edge)")
     out.add_argument("--plot", default=None, help="PNG of token trajectories (first two coordinates)")
@@ -39,9 +43,14 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .._errors import InputError
     from ..workflow import simulation
     from ..workflow.files import save_npz_atomic
 
+    if Path(args.out).is_file() and not args.force:
+        raise InputError(f"{args.out} exists; give another --out, or --force to overwrite it")
     sim = simulation.resolve(
         tokens_path=args.tokens, heads_path=args.heads, config_path=args.config,
         overrides=args.overrides, interpolation=args.interpolation,
@@ -53,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     heads, sc = sim.heads, sim.cfg.solver
     print(f"simulated B={B} sequences of n={n} tokens in d={d} through L={heads.num_layers} "
           f"layers x M={heads.num_heads} heads ({sc.name}, {int(np.asarray(sol.num_steps).sum())} "
-          f"steps, {sim.cfg.dtype}); wrote {args.out}")
+          f"steps, {sim.cfg.dtype}); wrote {Path(args.out).resolve()}")
     disp = np.linalg.norm(x - np.asarray(sim.tokens.x), axis=-1)
     print(f"token displacement |X_1 - X_0|: mean {disp.mean():.4g}, max {disp.max():.4g}")
     if args.gaussian_exact:
@@ -64,8 +73,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {b:3d} | {m0:12.4g} | {m1:12.4g} | {c0:11.4g} | {c1:11.4g}")
     if args.plot:
         from ..workflow.figures import plot_trajectories
+        from ..workflow.figures_run import family_titles
 
-        plot_trajectories(args.plot, sol.xs, sim.tokens.w, sol.s,
+        titles = None if sim.families is None else family_titles(sim.cfg.tokens.families)
+        plot_trajectories(args.plot, sol.xs, sim.tokens.w, sol.s, titles=titles,
                           title=f"token trajectories (L={heads.num_layers}, M={heads.num_heads})")
         print(f"wrote {args.plot}")
     return 0

@@ -27,6 +27,12 @@ def register(sub) -> None:
     p.add_argument("--out", default=None,
                    help="run directory (default: runs/<config name>-<timestamp>/)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="run a grid: the cartesian product of every --sweep's values (each run "
+                   "in its own directory under --out, the sweep directory)")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="with --sweep (or alone): K runs per grid point, seeds seed+0..seed+K-1; "
+                   "writes sweep.md/json/png with mean +- standard error across seeds")
     p.epilog = ("Several processes (hosts): start the same command on each, with "
                 "MEANFIELD_TF_COORDINATOR_ADDRESS=host:port, MEANFIELD_TF_NUM_PROCESSES=N and "
                 "MEANFIELD_TF_PROCESS_ID=i (or distributed.* overrides) and a mesh over all their "
@@ -73,8 +79,13 @@ def _orders(first, last) -> str:
 def _report(summary: dict, out=None) -> None:
     out = out or sys.stdout
     if "loss" in summary:
-        print(f"step {summary['step']}: loss {summary['first_loss']:.4e} -> {summary['loss']:.4e}"
-              f"{_orders(summary['first_loss'], summary['loss'])}", file=out)
+        a, b = summary["smoothed_over"]
+        window = f"steps {a}-{b}" if a != b else f"step {a}"
+        orders = "" if "test_accuracy" in summary else _orders(summary["first_loss"],
+                                                                summary["smoothed_loss"])
+        print(f"step {summary['step']}: training loss {summary['first_loss']:.4e} -> "
+              f"{summary['smoothed_loss']:.4e} (mean over the logged {window}; last "
+              f"{summary['loss']:.4e}){orders}; wall time {summary['wall_s']:.1f} s", file=out)
     if "w2" in summary:
         print(f"heads moved W2,c = {summary['w2']:.4g} from their initial measure", file=out)
     if "test_loss" in summary:
@@ -99,6 +110,8 @@ def run_train(args: argparse.Namespace) -> int:
     from ..workflow.training import train
 
     cfg = load_train_config(args.config, args.overrides)
+    if args.sweep or args.seeds is not None:
+        return _run_sweep(args, cfg)
     main = _join(cfg)
     out = Path(args.out) if args.out else _default_out(cfg.name)
     if not main:  # several processes: process 0 reports and writes the run directory
@@ -109,6 +122,19 @@ def run_train(args: argparse.Namespace) -> int:
           f"lr={cfg.train.learning_rate}, {cfg.dtype}) -> {out}", flush=True)
     summary = train(cfg, out, argv=args.argv, progress=not args.quiet)
     _report(summary)
+    return 0
+
+
+def _run_sweep(args: argparse.Namespace, cfg) -> int:
+    from ..workflow.sweep import parse_sweep, run_sweep
+
+    grid = parse_sweep(args.sweep)
+    out = Path(args.out) if args.out else _default_out(f"{cfg.name}-sweep")
+    print(f"sweep of {cfg.name} over {', '.join(k for k, _ in grid) or 'seeds'} "
+          f"({args.seeds or 1} seed(s) per point) -> {out}", flush=True)
+    summary = run_sweep(args.config, args.overrides, grid, args.seeds or 1, out, argv=args.argv)
+    print(open(summary["files"][0]).read(), end="")
+    print(f"wrote {', '.join(summary['files'])}")
     return 0
 
 
@@ -134,10 +160,11 @@ def run_eval(args: argparse.Namespace) -> int:
     from ..workflow.evaluation import evaluate_run
 
     out = evaluate_run(args.run_dir)
-    print(f"step {out['step']}: training loss {out['train_loss']:.4e}, gradient norm "
+    print(f"evaluating {args.run_dir} at its checkpoint of step {out['step']}")
+    print(f"training loss on {out['train_data']}: {out['train_loss']:.4e}, gradient norm "
           f"{out['grad_norm']:.3e}, W2,c from init {out['w2']:.4g}")
     if "test_loss" in out:
-        print(f"test loss {out['test_loss']:.4e}")
+        print(f"test loss on {out['test_data']}: {out['test_loss']:.4e}")
     if "test_accuracy" in out:
         print(f"test accuracy {out['test_accuracy']:.4f}")
     if out["written"]:

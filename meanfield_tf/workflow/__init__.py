@@ -12,8 +12,20 @@ per module, from the bottom up:
 - `progress.py`: progress bars;
 - `processes.py`: joining a multi-process run, and sharding a run over a device mesh;
 - `training.py`: the training loop;
+- `results.py`: a run read back (`load_run`: config, metrics as arrays, heads at any
+  checkpoint) and exported (`export_heads`);
+- `compare.py`, `sweep.py`: several runs side by side, and grids of runs over seeds;
 - `simulation.py`, `certificate.py`: the `simulate` and `ntk` commands' inputs and reports.
 
 Importing it pulls in PyYAML (and, when figures are drawn, matplotlib); `import meanfield_tf`
 does not.
 """
+
+
+def __getattr__(name: str):
+    # imported on first use, so that importing one workflow module does not load the others
+    if name in ("load_run", "RunResults", "export_heads"):
+        from . import results
+
+        return getattr(results, name)
+    raise AttributeError(f"module 'meanfield_tf.workflow' has no attribute {name!r}")

@@ -122,6 +122,21 @@ def stepping(num_layers: int, steps: int | None, rtol: float | None, atol: float
     return FixedSteps(steps // num_layers)
 
 
+def warn_tolerances(cfg: SolverConfig, dtype_name: str) -> None:
+    """Warn when `rtol`/`atol` is below the resolution (machine epsilon) of `dtype_name`: the
+    adaptive solver cannot meet it, and takes its maximum number of steps or fails."""
+    import warnings
+
+    eps = float(np.finfo(np.dtype(dtype_name)).eps)
+    for name in ("rtol", "atol"):
+        value = getattr(cfg, name)
+        if value is not None and value < eps:
+            warnings.warn(f"{name}={value:g} is below the resolution of {dtype_name} "
+                          f"(machine epsilon {eps:.3g}): it cannot be met; raise it to at least "
+                          f"{eps:.0e}" + (" or use --dtype float64" if dtype_name == "float32"
+                                          else ""), UserWarning, stacklevel=2)
+
+
 def depth_solver(cfg: SolverConfig, num_layers: int) -> DepthSolver:
     """The `DepthSolver` a `SolverConfig` describes, for heads of `num_layers` layers."""
     return DepthSolver(solver(cfg.name), stepping(num_layers, cfg.steps, cfg.rtol, cfg.atol),
@@ -212,6 +227,18 @@ def _task_tokens(cfg: TrainConfig, tokens_cfg: TokensConfig, key, dtype):
     return batch
 
 
+def teacher_heads(cfg: TrainConfig, heads0: HeadMeasure, key=None, dtype=None) -> HeadMeasure:
+    """The teacher of a teacher-student config: `θ* = θ0 + perturbation · ξ`, ξ an independent
+    draw of the initialisation. `key=None` derives it from the seed exactly as `run` does (so the
+    figures can draw the teacher a run was trained against)."""
+    if key is None:
+        k_task = jax.random.split(jax.random.PRNGKey(cfg.seed), 3)[1]  # as in `run`
+        key = jax.random.split(k_task)[1]  # as in `task`
+    dtype = dtype or heads0.dtype
+    xi = heads(dataclasses.replace(cfg.heads, init="gaussian"), key, dtype)
+    return _tasks.perturbed_heads(heads0, xi, cfg.task.perturbation)
+
+
 def task(cfg: TrainConfig, heads0: HeadMeasure, solve: DepthSolver, key, dtype):
     """The task object of `cfg.task` (teacher targets are computed with the depth solver
     `solve`)."""
@@ -224,8 +251,7 @@ def task(cfg: TrainConfig, heads0: HeadMeasure, solve: DepthSolver, key, dtype):
             if len(q) != batch.dim:
                 raise ConfigError(f"task.query has {len(q)} coordinates, the tokens {batch.dim}")
             batch = batch.append_query(jnp.asarray(q, dtype))
-        xi = heads(dataclasses.replace(cfg.heads, init="gaussian"), k_teacher, dtype)
-        teacher = _tasks.perturbed_heads(heads0, xi, t.perturbation)
+        teacher = teacher_heads(cfg, heads0, k_teacher, dtype)
         return _tasks.TeacherStudent.make(teacher, batch, lambda h, b: flow(h, b, solve).x,
                                           readout=t.readout)
     if isinstance(t, InContextRegressionTask):
@@ -314,6 +340,7 @@ def run(cfg: TrainConfig) -> Run:
     a function of the config and its seed). Runs with equal solver, gradient and optimiser
     settings share one compiled training step."""
     dt = dtype(cfg.dtype)
+    warn_tolerances(cfg.solver, cfg.dtype)
     try:
         solve = depth_solver(cfg.solver, cfg.heads.layers)
     except InputError as err:

@@ -93,3 +93,17 @@ def report(cert: Certificate, names, cfg: NTKConfig) -> dict:
                    "ntk.blocks.full": "constants"},
     }
     return out
+
+
+def dependence(report: dict, test: str, tol: float = 1e-3) -> str | None:
+    """The dependence a test found, as words: `0.707·a - 0.707·b` over the sequences whose
+    null-vector coefficient exceeds `tol` times the largest (`None` if the test is
+    independent)."""
+    entry = report[test]
+    if entry["independent"] or entry.get("null_vector") is None:
+        return None
+    gamma = np.asarray(entry["null_vector"], float)
+    big = np.abs(gamma) > tol * np.abs(gamma).max()
+    terms = [f"{'-' if g < 0 else '+'} {abs(g):.3g}·{name}"
+             for g, name, keep in zip(gamma, report["sequences"], big) if keep]
+    return " ".join(terms).lstrip("+ ")

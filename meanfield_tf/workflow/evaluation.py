@@ -4,7 +4,8 @@
   initial heads (per layer too) and, if the task has a test set, its metrics (`test_loss`,
   `test_accuracy` for classification);
 - `evaluate_run(path)`: the metrics of a run directory's last checkpoint (`meanfield-tf eval`);
-- `summarize(rd)`: first and last loss and the last evaluation, from `metrics.jsonl`.
+- `summarize(rd)`: first and last loss, the loss averaged over the last 10% of logged steps,
+  wall time and the last evaluation, from `metrics.jsonl`.
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ def evaluate(run: Run, heads: HeadMeasure) -> dict[str, Any]:
     return out
 
 
+def distance_travelled(run: Run, heads: HeadMeasure) -> float:
+    """W_{2,c} of `heads` from the run's initial heads (the `w2` rows of `metrics.jsonl`)."""
+    return float(_w2(heads, run.heads0)[0])
+
+
 @eqx.filter_jit
 def _w2(heads, heads0):
     return conditional_w2(heads, heads0)
@@ -56,7 +62,10 @@ def evaluate_run(path) -> dict[str, Any]:
     # compiling anything new (the learning rate is an injected hyperparameter)
     _, _, info = run.step(state.heads, set_learning_rate(state.opt_state, 0.0), batch)
     out = {"step": step, "train_loss": float(info.loss), "grad_norm": float(info.grad_norm),
-           **evaluate(run, state.heads)}
+           "train_data": describe_train_data(run, step), **evaluate(run, state.heads)}
+    test = run.task.test_batch()
+    if test is not None:
+        out["test_data"] = f"the fixed test set ({test.tokens.x.shape[0]} sequences)"
     text = json.dumps(out, indent=2).encode()
     try:
         atomic_write(rd.path / "eval.json", lambda f: f.write(text))
@@ -66,6 +75,16 @@ def evaluate_run(path) -> dict[str, Any]:
     return out
 
 
+def describe_train_data(run: Run, step: int) -> str:
+    """Which data the training loss of `eval` is measured on (a full fixed batch, or the
+    mini-batch the run would draw at `step`: it differs from the logged, smoothed loss)."""
+    t = run.cfg.task
+    if t.name in ("teacher_student", "distribution_matching"):
+        return "the full training set (the fixed batch every step trains on)"
+    return (f"the training mini-batch of step {step} ({t.batch_size} sequences; the logged loss "
+            f"is over other mini-batches)")
+
+
 def summarize(rd: RunDir) -> dict[str, Any]:
     """First and last train loss, last evaluation metrics, from `metrics.jsonl`."""
     rows = rd.read_metrics()
@@ -73,10 +92,15 @@ def summarize(rd: RunDir) -> dict[str, Any]:
     eval_rows = [r for r in rows if r.get("kind") == "eval"]
     out: dict[str, Any] = {"run_dir": str(rd.path)}
     if train_rows:
+        tail = train_rows[-max(1, len(train_rows) // 10):]  # the last 10% of logged steps
         out.update(first_loss=train_rows[0]["loss"], loss=train_rows[-1]["loss"],
-                   step=train_rows[-1]["step"] + 1)
+                   step=train_rows[-1]["step"] + 1,
+                   smoothed_loss=float(np.mean([r["loss"] for r in tail])),
+                   smoothed_over=[tail[0]["step"], tail[-1]["step"]],
+                   wall_s=max(r.get("wall_s", 0.0) for r in rows))
     if eval_rows:
-        out.update({k: v for k, v in eval_rows[-1].items() if k not in ("kind", "w2_layers")})
+        out.update({k: v for k, v in eval_rows[-1].items()
+                    if k not in ("kind", "w2_layers", "wall_s")})
         if eval_rows[0].get("test_accuracy") is not None:
             out["initial_test_accuracy"] = eval_rows[0]["test_accuracy"]
     return out

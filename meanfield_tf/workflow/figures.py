@@ -6,10 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import jax
 import numpy as np
-
-from .._training import layer_particles
 
 
 def _pyplot():
@@ -31,34 +28,65 @@ def _save(plt, fig, path) -> Path:
     return path
 
 
-def plot_trajectories(path, xs, w=None, s=None, *, max_sequences: int = 4, max_tokens: int = 96,
-                      title: str = "") -> Path:
-    """Token trajectories in the plane of the first two coordinates.
+def plot_trajectories(path, xs, w=None, s=None, *, max_sequences: int = 16,
+                      max_tokens: int = 96, title: str = "", titles=None, targets=None,
+                      dims=(0, 1), target_label: str = "target") -> Path:
+    """Token trajectories in the plane of the coordinates `dims` (default the first two).
 
     `xs`: states `(T, B, n, d)` at depths `s` `(T,)`; one panel per sequence (at most
-    `max_sequences`, and at most `max_tokens` tokens each); zero-weight tokens (padding, readout queries) are drawn dashed.
+    `max_sequences`, in rows of four, at most `max_tokens` tokens each), titled by `titles[b]`
+    (e.g. the sequence's family). Zero-weight tokens are drawn dashed and the last token, when
+    it has weight 0 (a readout query), is marked with a star at s = 0 and s = 1. `targets`:
+    what the outputs should reach, drawn in blue: `(B, d)` (one point per sequence: the query's
+    target) or `(B, m, d)` (a target point cloud or one target per token).
     """
     plt = _pyplot()
-    xs = np.asarray(xs)[:, :, :max_tokens]
-    w = None if w is None else np.asarray(w)[:, :max_tokens]
+    xs = np.asarray(xs)
+    n_all = xs.shape[2]
+    w_all = None if w is None else np.asarray(w)
+    keep = list(range(min(n_all, max_tokens)))
+    query = w_all is not None and bool(np.all(w_all[:, -1] == 0))
+    if query and n_all - 1 not in keep:
+        keep[-1] = n_all - 1  # always show the query
+    xs = xs[:, :, keep]
+    w = None if w_all is None else w_all[:, keep]
     T, B, n, d = xs.shape
     if d < 2:
         xs = np.concatenate([xs, np.zeros_like(xs)], axis=-1)
+    i, j = dims
     nb = min(B, max_sequences)
-    fig, axes = plt.subplots(1, nb, figsize=(4 * nb, 4), squeeze=False)
-    for b, ax in enumerate(axes[0]):
+    ncol = min(nb, 4)
+    nrow = -(-nb // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.6 * ncol, 3.6 * nrow), squeeze=False)
+    for b in range(nrow * ncol):
+        ax = axes[b // ncol][b % ncol]
+        if b >= nb:
+            ax.axis("off")
+            continue
         for k in range(n):
             pad = w is not None and w[b, k] == 0
-            ax.plot(xs[:, b, k, 0], xs[:, b, k, 1], lw=0.8, alpha=0.7, ls="--" if pad else "-")
-        ax.scatter(xs[0, b, :, 0], xs[0, b, :, 1], s=8, c="k", marker="o", label="s = 0", zorder=3)
-        ax.scatter(xs[-1, b, :, 0], xs[-1, b, :, 1], s=12, c="C3", marker="x", label="s = 1", zorder=3)
-        ax.set_title(f"sequence {b}")
-        ax.set_xlabel("x[0]")
-        ax.set_ylabel("x[1]")
+            ax.plot(xs[:, b, k, i], xs[:, b, k, j], lw=0.8, alpha=0.7, ls="--" if pad else "-")
+        ax.scatter(xs[0, b, :, i], xs[0, b, :, j], s=8, c="k", marker="o", label="s = 0", zorder=3)
+        ax.scatter(xs[-1, b, :, i], xs[-1, b, :, j], s=12, c="C3", marker="x", label="s = 1",
+                   zorder=3)
+        if query:
+            ax.scatter(xs[[0, -1], b, -1, i], xs[[0, -1], b, -1, j], s=120, marker="*",
+                       facecolors=["k", "C3"], edgecolors="gold", linewidths=1.0, zorder=5,
+                       label="query (s = 0, 1)")
+        if targets is not None:
+            t = np.asarray(targets)[b]
+            t = t[None] if t.ndim == 1 else t
+            ax.scatter(t[:, i], t[:, j], s=60 if len(t) == 1 else 10, c="C0",
+                       marker="P" if len(t) == 1 else ".", alpha=0.9, zorder=6,
+                       label=target_label)
+        ax.set_title(titles[b] if titles is not None and b < len(titles) else f"sequence {b}",
+                     fontsize=9)
+        ax.set_xlabel(f"x[{i}]")
+        ax.set_ylabel(f"x[{j if j >= 0 else d + j}]")
         ax.set_aspect("equal", adjustable="datalim")
-    axes[0][0].legend(loc="best", fontsize=8)
+    axes[0][0].legend(loc="best", fontsize=7)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title + (f" ({nb} of {B} sequences)" if nb < B else ""))
     return _save(plt, fig, path)
 
 
@@ -148,26 +176,7 @@ def plot_spectra(report: dict, path, tests=("mod_affine", "mod_constants", "hess
 
 
 def write_run_figures(rd, run, heads) -> list[Path]:
-    """The figures of a training run directory `rd`: loss curve, particles of one layer at start
-    and end, token trajectories through the initial and the trained heads."""
-    rows = rd.read_metrics()
-    train_rows = [r for r in rows if r.get("kind") == "train"]
-    eval_rows = [r for r in rows if r.get("kind") == "eval"]
-    paths = [plot_loss(
-        rd.figure_dir / "loss.png", [r["step"] for r in train_rows], [r["loss"] for r in train_rows],
-        eval_steps=[r["step"] for r in eval_rows],
-        test_accuracy=[r.get("test_accuracy") for r in eval_rows],
-        w2=[r["w2"] for r in eval_rows], title=f"{run.cfg.name}: {run.cfg.task.name}")]
-    layer = 0
-    p0 = np.asarray(layer_particles(run.heads0)[layer])
-    p1 = np.asarray(layer_particles(heads)[layer])
-    paths.append(plot_particles(rd.figure_dir / "particles.png", p0, p1,
-                                title=f"layer {layer} head particles (PCA of θ)"))
-    batch = run.task.test_batch() or run.batch(run.data_key, 0)
-    tokens = jax.tree.map(lambda a: a[:4], batch.tokens)
-    for name, h in (("initial", run.heads0), ("trained", heads)):
-        s, xs = run.trajectory(h, tokens)
-        paths.append(plot_trajectories(
-            rd.figure_dir / f"tokens_{name}.png", xs, tokens.w, s,
-            title=f"token trajectories, {name} heads"))
-    return paths
+    """The figures of a training run directory `rd` (see `figures_run.write_run_figures`)."""
+    from .figures_run import write_run_figures as write
+
+    return write(rd, run, heads)

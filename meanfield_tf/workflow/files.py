@@ -49,11 +49,20 @@ def load_tokens(path, dtype=None) -> TokenBatch:
         raise InputError(f"{path}: {err}") from None
 
 
-def load_heads(path, dtype=None, interpolation: str = "piecewise") -> HeadMeasure:
-    """Heads from an `.npz` with keys `A` and `V`, each `(L, M, d, d)` (or `Q`, `K`, `V` factored)."""
+def load_heads(path, dtype=None, interpolation: str | None = None) -> HeadMeasure:
+    """Heads from an `.npz` with keys `A` and `V`, each `(L, M, d, d)` (or `Q`, `K`, `V` factored).
+
+    The depth interpolation is `interpolation`, else the file's `interpolation` key (written by
+    `meanfield-tf export`), else `"piecewise"`; a flag that contradicts the file is refused.
+    """
     probe = _open_npz(path, ("V",), "heads")
     required = ("Q", "K", "V") if "Q" in probe and "A" not in probe else ("A", "V")
     data = _open_npz(path, required, "heads")
+    recorded = str(data["interpolation"]) if "interpolation" in data else None
+    if interpolation is not None and recorded is not None and interpolation != recorded:
+        raise InputError(f"heads file {str(path)!r} records interpolation {recorded!r} but "
+                         f"--interpolation {interpolation} was given; drop the flag")
+    interpolation = interpolation or recorded or "piecewise"
     dtype = dtype or (data["V"].dtype if data["V"].dtype.kind == "f" else np.float32)
     arrays = {k: jnp.asarray(data[k], dtype) for k in required}
     try:

@@ -10,15 +10,16 @@ A run directory holds
   (the step taken: the learning rate times the schedule's factor), `learning_rate` (the base
   rate of the config), `wall_s`. `"kind": "eval"` rows (every `eval_every` steps and at the end): `w2` (the conditional
   Wasserstein distance W_{2,c} of the heads from their initial measure) and `w2_layers`, test
-  metrics (`test_loss`, `test_accuracy` for classification), `wall_s`;
+  metrics (`test_loss`, `test_accuracy` for classification), `wall_s`. `"kind": "w2"` rows
+  (every `w2_every` steps between evaluations): `step`, `time` (τ after those steps), `w2`;
 - `checkpoints/step_XXXXXXXX.eqx`: the training state (step, head particles, optimiser state,
   PRNG key), written atomically (temporary file + rename), the last `keep_checkpoints` kept,
   each with its SHA-256 in `step_XXXXXXXX.eqx.sha256` (written first), verified on load: a
   damaged checkpoint is skipped, with the reason, for the newest intact one;
 - `.lock`: held (an OS file lock, released when the process ends, even by SIGKILL) by the one
   process that writes the directory: a second `train`/`resume` on it is refused;
-- `figures/*.png`: loss (log scale), one layer's particles projected to 2-D at start and end,
-  token trajectories through the initial and the trained transformer.
+- `figures/*.png`: see `figures_run.py` (loss against training time, W2,c, test metrics, every
+  layer's particles, token trajectories with their targets; digits: confusion matrix).
 """
 
 from __future__ import annotations

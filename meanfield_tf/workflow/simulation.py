@@ -67,9 +67,10 @@ def resolve(*, tokens_path=None, heads_path=None, config_path=None, overrides=()
     top = {k: flags.pop(k) for k in ("dtype", "num_saves") if k in flags}
     cfg = dataclasses.replace(cfg, **top, solver=dataclasses.replace(cfg.solver, **flags))
     dtype = build.dtype(cfg.dtype)
+    build.warn_tolerances(cfg.solver, cfg.dtype)
     if tokens_path is not None:
         tokens = load_tokens(tokens_path, dtype)
-        heads = load_heads(heads_path, dtype, interpolation=interpolation or "piecewise")
+        heads = load_heads(heads_path, dtype, interpolation=interpolation)
         return Simulation(cfg, heads, tokens, None)
     key_t, key_h = jax.random.split(jax.random.PRNGKey(cfg.seed))
     return Simulation(cfg, build.heads(cfg.heads, key_h, dtype),

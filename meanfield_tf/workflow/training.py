@@ -37,7 +37,7 @@ from .._training import TrainingDiverged, TrainStep, set_learning_rate
 from . import build
 from .build import Run, TrainState
 from .config import TrainConfig
-from .evaluation import evaluate, summarize
+from .evaluation import distance_travelled, evaluate, summarize
 from .figures import write_run_figures
 from .files import atomic_write
 from .processes import agree, barrier, run_mesh, shard_run_batch, shard_state
@@ -204,6 +204,10 @@ class _Loop:
             row = {"kind": "eval", "step": done, **evaluate(self.run, self.heads)}  # collective
             if self.main:
                 self.rd.append_metrics({**row, "wall_s": self.wall()})
+        elif done % tc.w2_every == 0:  # the distance travelled, more often than evaluations
+            w2 = distance_travelled(self.run, self.heads)  # collective
+            if self.main:
+                self.rd.append_metrics({"kind": "w2", "step": done, "time": self.tau, "w2": w2})
         if done % tc.checkpoint_every == 0 or done == tc.steps:
             self._hold_checkpoint(done)
 

@@ -191,7 +191,9 @@ class TrainSection:
     (`decay_rate` per `steps`), after `warmup_steps` of linear warm-up. `gradient`: the
     mean-field gradient method (`autodiff`: exact gradient of the discretised model).
 
-    Cadence: a metrics line every `log_every` steps, evaluation (W2 distance travelled, test
+    Cadence: a metrics line every `log_every` steps, the distance W2,c of the heads from their
+    start every `w2_every` steps (a `w2` row; cheap: one small optimal transport per layer),
+    evaluation (W2 distance travelled, test
     metrics) every `eval_every`, a checkpoint every `checkpoint_every` (the last
     `keep_checkpoints` are kept). The loss is checked at every step: the run stops as diverged
     when it is NaN/inf or exceeds `divergence_factor` times the best loss so far, so that the
@@ -207,6 +209,7 @@ class TrainSection:
     decay_rate: float = 0.1
     gradient: str = "autodiff"
     log_every: int = 5
+    w2_every: int = 10
     eval_every: int = 100
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
@@ -215,7 +218,7 @@ class TrainSection:
     def __post_init__(self):
         _positive("train.steps", self.steps)
         _positive("train.learning_rate", self.learning_rate)
-        for k in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+        for k in ("log_every", "w2_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
             _positive(f"train.{k}", getattr(self, k))
         _positive("train.divergence_factor", self.divergence_factor)
         if self.divergence_factor <= 1:
@@ -315,7 +318,7 @@ def train_config_from_dict(data: dict) -> TrainConfig:
 # The settings a resume may change: they continue the same experiment (its length, step size and
 # schedule, cadence, and where it runs). Any other change makes a different experiment.
 CONTINUATION = ("train.steps", "train.learning_rate", "train.schedule", "train.warmup_steps",
-                "train.decay_rate", "train.log_every", "train.eval_every",
+                "train.decay_rate", "train.log_every", "train.w2_every", "train.eval_every",
                 "train.checkpoint_every", "train.keep_checkpoints", "train.divergence_factor",
                 "mesh.", "distributed.")
 

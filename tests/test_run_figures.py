@@ -1,0 +1,54 @@
+"""The figures of a training run: every expected file exists and is drawn (not blank)."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from meanfield_tf.cli import main
+
+COMMON = ["train.steps=3", "train.log_every=1", "train.eval_every=2", "train.w2_every=1",
+          "train.checkpoint_every=3", "heads.heads=4", "heads.layers=2"]
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+BASE = ["loss.png", "particles.png", "tokens_initial.png", "tokens_trained.png"]
+CASES = {
+    "teacher_student": (["task.tokens.n=5"], BASE),
+    "teacher_student_tokens": (["task.tokens.n=5"], BASE),
+    "in_context_regression": (["task.n=6", "task.batch_size=4", "task.test_size=8"], BASE),
+    "digits": (["task.batch_size=4", "heads.layers=1"], BASE + ["confusion.png",
+                                                                 "predictions.png"]),
+    "distribution_matching": (["task.tokens.n=6", "task.target_n=6"], BASE),
+}
+
+
+def drawn(path) -> bool:
+    """A PNG with a real drawing: large, many distinct colours, and visible contrast."""
+    import matplotlib.image as mpimg
+
+    img = mpimg.imread(path)[..., :3]
+    colours = np.unique((img * 255).astype(np.uint8).reshape(-1, 3), axis=0)
+    return img.shape[0] > 200 and img.shape[1] > 200 and len(colours) > 30 and img.std() > 0.03
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_run_figures_exist_and_are_drawn(name, tmp_path):
+    extra, expected = CASES[name]
+    out = tmp_path / name
+    assert main(["train", "--quiet", "--config", str(CONFIGS / f"{name}.yaml"), "--out", str(out),
+                 *COMMON, *extra]) == 0
+    for fig in expected:
+        path = out / "figures" / fig
+        assert path.is_file(), fig
+        assert drawn(path), fig
+
+
+def test_blank_figure_is_not_drawn(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=(4, 4))
+    fig.savefig(tmp_path / "blank.png")
+    plt.close(fig)
+    assert not drawn(tmp_path / "blank.png")
