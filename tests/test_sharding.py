@@ -436,10 +436,9 @@ def _worker_layouts(tick, rel, tree_rel, spec) -> dict:
     import optax
 
     import meanfield_tf as mf
-    from meanfield_tf._gradients import Autodiff, Explicit, risk_and_gradient
-    from meanfield_tf._sharding import gather_to_host, shard_heads, shard_like_heads, shard_tokens
-    from meanfield_tf._training import (MeanFieldGradient, gradient_flow_optimizer,
-                                        init_optimizer, make_train_step)
+    from meanfield_tf import (Autodiff, Explicit, MeanFieldGradient, gather_to_host,
+                              gradient_flow_optimizer, init_optimizer, make_train_step,
+                              risk_and_gradient, shard_heads, shard_like_heads, shard_tokens)
 
     L, M, d, B, n = 2, 8, 2, 4, 5
     heads = mf.gaussian_heads(jax.random.key(0), L, M, d, dtype=jnp.float64)
