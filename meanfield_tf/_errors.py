@@ -33,6 +33,25 @@ def concrete_or_none(value):
         return None
 
 
+def check_real(name: str, value, dtype=None) -> None:
+    """Raise `InputError` unless a concrete `value` is real numbers (not complex, strings or
+    objects) that fit `dtype` (a float64 value beyond float32's range does not fit float32)."""
+    arr = concrete_or_none(value)
+    if arr is None:
+        return
+    if arr.dtype.kind == "c":
+        raise InputError(f"{name} is complex ({arr.dtype}); the model acts on real tokens: pass "
+                         f"the real part (x.real) or the real and imaginary parts as coordinates")
+    if arr.dtype.kind not in "biuf":
+        raise InputError(f"{name} has dtype {arr.dtype}, not numbers; give a numeric array")
+    if dtype is not None and arr.dtype.kind == "f" and np.dtype(dtype).itemsize < arr.dtype.itemsize:
+        finite = arr[np.isfinite(arr)]
+        big = float(np.abs(finite).max()) if finite.size else 0.0
+        if big > np.finfo(dtype).max:
+            raise InputError(f"{name} holds values up to {big:.3g}, beyond {np.dtype(dtype).name}'s "
+                             f"range ({np.finfo(dtype).max:.3g}); use float64 or rescale the input")
+
+
 def check_shape(name: str, value, shape: tuple, fix: str = "") -> None:
     """Raise `InputError` unless `value.shape` matches `shape` (`None` entries match anything)."""
     got = tuple(np.shape(value))

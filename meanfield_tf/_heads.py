@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._errors import InputError, check_finite
+from ._errors import InputError, check_finite, check_real
 
 _INTERPOLATIONS = ("piecewise", "linear")
 
@@ -56,6 +56,10 @@ class HeadMeasure(eqx.Module):
             raise InputError("give either A (merged heads) or Q and K (factored heads), not both")
         if A is None and (Q is None or K is None):
             raise InputError("give A (merged heads) or both Q and K (factored heads)")
+        if check:
+            for name, arr in (("A", A), ("V", V), ("Q", Q), ("K", K)):
+                if arr is not None:
+                    check_real(f"heads {name}", arr)
         V = jnp.asarray(V)
         params = {"V": V}
         if A is not None:
@@ -142,6 +146,8 @@ def _validate(params: dict[str, Array]) -> None:
     if V.ndim != 4 or V.shape[-1] != V.shape[-2]:
         raise InputError(f"heads V has shape {tuple(V.shape)}, expected (L, M, d, d)")
     n, m, d, _ = V.shape
+    if d < 1:
+        raise InputError(f"heads V has shape {tuple(V.shape)}: the token dimension d must be >= 1")
     if n < 1 or m < 1:
         raise InputError(f"heads V has shape {tuple(V.shape)}: need at least one layer and one head")
     if "A" in params:

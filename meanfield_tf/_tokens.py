@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._errors import InputError, check_finite, check_shape, check_weights
+from ._errors import InputError, check_finite, check_real, check_shape, check_weights
 
 
 class TokenBatch(eqx.Module):
@@ -44,6 +44,10 @@ class TokenBatch(eqx.Module):
     w: Float[Array, "B n"]
 
     def __init__(self, x, w=None, *, check: bool = True):
+        if check:
+            check_real("tokens x", x)
+            if w is not None:
+                check_real("token weights w", w)
         x = jnp.asarray(x)
         if x.ndim != 3:
             raise InputError(
@@ -52,9 +56,13 @@ class TokenBatch(eqx.Module):
             )
         if not jnp.issubdtype(x.dtype, jnp.floating):
             x = x.astype(jnp.result_type(float))
-        b, n, _ = x.shape
+        b, n, d = x.shape
         if n == 0:
             raise InputError("tokens x has no tokens (n = 0); every sequence needs at least one token")
+        if b == 0:
+            raise InputError("tokens x has no sequences (B = 0); give at least one sequence")
+        if d == 0:
+            raise InputError("tokens x live in dimension d = 0; tokens need at least one coordinate")
         if w is None:
             w = jnp.full((b, n), 1.0 / n, dtype=x.dtype)
         w = jnp.asarray(w, dtype=x.dtype)

@@ -312,3 +312,22 @@ def test_output_paths(tmp_path, capsys):
     assert main(grad) == 2
     _one_line_error(capsys, "chunk_size must be > 0 and finite")
     assert not (tmp_path / "g.npz").exists()
+
+
+@pytest.mark.parametrize("x, words", [
+    (np.ones((1, 3, 2)) * (1 + 2j), "is complex"),
+    (np.array([[["a", "b"]] * 3]), "not numbers"),
+    (np.array([[[None, 1.0]] * 3], dtype=object), "is not a readable .npz archive"),
+    (np.full((1, 3, 2), 1e39), "beyond float32's range"),
+    (np.zeros((0, 3, 2)), "no sequences (B = 0)"),
+    (np.zeros((1, 3, 0)), "dimension d = 0"),
+])
+def test_bad_token_arrays_are_one_line_errors(x, words, tmp_path, capsys):
+    np.savez(tmp_path / "t.npz", x=x)
+    A = np.random.default_rng(1).normal(size=(2, 3, 2, 2)) * 0.3
+    np.savez(tmp_path / "h.npz", A=A, V=A)
+    out = tmp_path / "o.npz"
+    assert main(["simulate", "--tokens", str(tmp_path / "t.npz"), "--heads",
+                 str(tmp_path / "h.npz"), "--out", str(out)]) == 2
+    _one_line_error(capsys, words)
+    assert not out.exists()

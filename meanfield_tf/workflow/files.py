@@ -14,7 +14,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from .._errors import InputError, check_finite, check_shape
+from .._errors import InputError, check_finite, check_real, check_shape
 from .._heads import HeadMeasure
 from .._tokens import TokenBatch
 
@@ -44,6 +44,9 @@ def load_tokens(path, dtype=None) -> TokenBatch:
     dtype = dtype or (x.dtype if x.dtype.kind == "f" else np.float32)
     w = data.get("w")
     try:
+        check_real(f"tokens x in {path}", x, dtype)
+        if w is not None:
+            check_real(f"token weights w in {path}", w, dtype)
         return TokenBatch(jnp.asarray(x, dtype), None if w is None else jnp.asarray(w, dtype))
     except InputError as err:
         raise InputError(f"{path}: {err}") from None
@@ -64,6 +67,8 @@ def load_heads(path, dtype=None, interpolation: str | None = None) -> HeadMeasur
                          f"--interpolation {interpolation} was given; drop the flag")
     interpolation = interpolation or recorded or "piecewise"
     dtype = dtype or (data["V"].dtype if data["V"].dtype.kind == "f" else np.float32)
+    for k in required:
+        check_real(f"heads {k} in {path}", data[k], dtype)
     arrays = {k: jnp.asarray(data[k], dtype) for k in required}
     try:
         return HeadMeasure(**arrays, interpolation=interpolation)
@@ -75,6 +80,7 @@ def load_array(path, key: str, what: str, shape: tuple, dtype) -> jnp.ndarray:
     """One array `key` from an `.npz`, checked against `shape` (`None` matches anything) and finiteness."""
     data = _open_npz(path, (key,), what)
     arr = data[key]
+    check_real(f"{what} {key} in {path}", arr, dtype)
     check_shape(f"{what} {key} in {path}", arr, shape)
     check_finite(f"{what} {key} in {path}", arr)
     return jnp.asarray(arr, dtype)
