@@ -331,3 +331,11 @@ def test_bad_token_arrays_are_one_line_errors(x, words, tmp_path, capsys):
                  str(tmp_path / "h.npz"), "--out", str(out)]) == 2
     _one_line_error(capsys, words)
     assert not out.exists()
+
+
+def test_ntk_refuses_overflowing_scores(tmp_path, capsys):
+    x = np.random.default_rng(0).normal(size=(3, 4, 2)) * 1e30
+    np.savez(tmp_path / "t.npz", x=x)
+    assert main(["ntk", "--tokens", str(tmp_path / "t.npz"), "--out", str(tmp_path / "r.json")]) == 2
+    _one_line_error(capsys, "the scores z . y reach", "--z-scale")
+    assert not (tmp_path / "r.json").exists()

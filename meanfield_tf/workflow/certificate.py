@@ -56,9 +56,27 @@ def empirical(families, num_tokens: int, seed: int) -> list:
     return out
 
 
+MAX_SCORE = 1e4  # |z . y| beyond this: the LSE columns are all slope, the tests meaningless
+
+
+def check_scale(cfg: NTKConfig, families) -> None:
+    """Refuse sequences whose scores `z . y` at the sampled `z` reach `MAX_SCORE`: there every LSE
+    is its affine part to rounding, and the verdicts would contradict each other."""
+    atoms = [np.asarray(f.atoms) for f in families if isinstance(f, Discrete)]
+    spread = max((float(np.abs(a).max()) for a in atoms if a.size), default=0.0)
+    dim = families[0].dim if families else 1
+    score = cfg.z_scale * spread * 3 * np.sqrt(dim)  # 3 standard deviations of z
+    if not np.isfinite(score) or score > MAX_SCORE:
+        raise InputError(f"token coordinates reach {spread:.3g}, so the scores z . y reach "
+                         f"{score:.3g} at z_scale={cfg.z_scale:g}: the certificate would be "
+                         f"meaningless; rescale the tokens or set --z-scale to about "
+                         f"{1 / max(spread, 1e-300):.3g} (1 / their spread)")
+
+
 def certify(cfg: NTKConfig, families, *, config_path=None) -> Certificate:
     """The injectivity certificate of `families` with the settings of `cfg` (bad settings from a
     config file are reported as `ConfigError`s naming it)."""
+    check_scale(cfg, families)
     query = None if cfg.query is None else jnp.asarray(cfg.query, jnp.float64)
     try:
         return injectivity_certificate(
