@@ -339,3 +339,16 @@ def test_ntk_refuses_overflowing_scores(tmp_path, capsys):
     assert main(["ntk", "--tokens", str(tmp_path / "t.npz"), "--out", str(tmp_path / "r.json")]) == 2
     _one_line_error(capsys, "the scores z . y reach", "--z-scale")
     assert not (tmp_path / "r.json").exists()
+
+
+def test_unreachable_coordinator_is_a_config_error():
+    from meanfield_tf.workflow.config import DistributedConfig
+    from meanfield_tf.workflow.processes import initialize_distributed
+
+    from conftest import free_port
+
+    cfg = DistributedConfig(coordinator_address=f"127.0.0.1:{free_port()}", num_processes=2,
+                            process_id=1, timeout_s=1)
+    with pytest.raises(mf.ConfigError, match="did not answer within 1 s") as err:
+        initialize_distributed(cfg)
+    assert "\n" not in str(err.value) and "start process 0 first" in str(err.value)

@@ -75,6 +75,8 @@ def initialize_distributed(config: DistributedConfig | None = None, *,
     """
     cfg = (config or DistributedConfig()).resolve(env)  # validated, environment included
     if cfg.enabled and not _already_initialized():
+        if cfg.coordinator_address is not None and cfg.process_id not in (None, 0):
+            _wait_for_coordinator(cfg.coordinator_address, cfg.timeout_s)
         jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)
         try:
             jax.distributed.initialize(
@@ -83,6 +85,9 @@ def initialize_distributed(config: DistributedConfig | None = None, *,
                 process_id=cfg.process_id,
                 local_device_ids=cfg.local_device_ids,
                 initialization_timeout=int(cfg.timeout_s),
+                # process 0 serves on the configured interface only, not on every interface
+                coordinator_bind_address=(cfg.coordinator_address if cfg.process_id == 0
+                                          else None),
             )
         except (ValueError, RuntimeError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -92,6 +97,27 @@ def initialize_distributed(config: DistributedConfig | None = None, *,
                 f"{ENV_PROCESS_ID}), or run under a cluster manager JAX detects (e.g. SLURM)"
             ) from None
     return process_info()
+
+
+def _wait_for_coordinator(address: str, timeout_s: float) -> None:
+    """Wait until process 0's coordinator accepts connections; `ConfigError` naming the
+    address after `timeout_s` (JAX itself would abort the process with a C++ stack trace)."""
+    import socket
+    import time
+
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=2.0):
+                return
+        except OSError as err:
+            if time.monotonic() >= deadline:
+                raise ConfigError(
+                    f"the coordinator {address} did not answer within {timeout_s:g} s "
+                    f"({err.strerror or err}); start process 0 first, check the address and port, "
+                    f"or raise distributed.timeout_s") from None
+            time.sleep(0.5)
 
 
 def _already_initialized() -> bool:
