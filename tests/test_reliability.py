@@ -352,3 +352,16 @@ def test_unreachable_coordinator_is_a_config_error():
     with pytest.raises(mf.ConfigError, match="did not answer within 1 s") as err:
         initialize_distributed(cfg)
     assert "\n" not in str(err.value) and "start process 0 first" in str(err.value)
+
+
+def test_plot_path_is_checked_before_anything_is_written(tmp_path, capsys):
+    x = np.random.default_rng(0).normal(size=(1, 4, 2))
+    np.savez(tmp_path / "t.npz", x=x)
+    A = np.random.default_rng(1).normal(size=(2, 3, 2, 2)) * 0.3
+    np.savez(tmp_path / "h.npz", A=A, V=A)
+    (tmp_path / "plots").mkdir()
+    out = tmp_path / "o.npz"
+    assert main(["simulate", "--tokens", str(tmp_path / "t.npz"), "--heads", str(tmp_path / "h.npz"),
+                 "--out", str(out), "--plot", str(tmp_path / "plots")]) == 2
+    _one_line_error(capsys, "--plot", "is a directory")
+    assert not out.exists()

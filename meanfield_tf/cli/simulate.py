@@ -47,8 +47,11 @@ def run(args: argparse.Namespace) -> int:
 
     from .._errors import InputError
     from ..workflow import simulation
-    from ..workflow.files import save_npz_atomic
+    from ..workflow.files import check_output_path, save_npz_atomic
 
+    check_output_path(args.out, "--out")
+    if args.plot:
+        check_output_path(args.plot, "--plot")  # before anything is computed or written
     if Path(args.out).is_file() and not args.force:
         raise InputError(f"{args.out} exists; give another --out, or --force to overwrite it")
     sim = simulation.resolve(

@@ -86,6 +86,20 @@ def load_array(path, key: str, what: str, shape: tuple, dtype) -> jnp.ndarray:
     return jnp.asarray(arr, dtype)
 
 
+def check_output_path(path, what: str = "output") -> None:
+    """Raise `InputError` now if `path` could not be written later: a directory, or under a
+    file (so that a long computation is not lost at its end, and nothing is half written)."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{what} {str(path)!r} is a directory; give a file name to write")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise InputError(f"cannot write {what} {str(path)!r}: a parent of it is a file; "
+                                 f"choose another path")
+            break
+
+
 def atomic_write(path, write) -> None:
     """Write through `write(file)` into a temporary file beside `path`, fsync it, then rename it
     over `path`: readers see the old file or the new one, never a partial one."""
