@@ -205,10 +205,12 @@ def test_digit_tokens_match_pixels():
 
 
 def test_digits_short_run_is_above_chance():
-    """A short float32 run (150 mini-batches of 16 images, 8 heads per layer, constant step) classifies held-out
+    """A short float32 run (300 mini-batches of 16 images, 8 heads per layer, constant step) classifies held-out
     digits far better than chance (10%: with 450 test images a binomial standard deviation is
     1.4%, so 25% is more than 10 of them away)."""
-    cfg = load_train_config(CONFIGS / "digits.yaml", ["train.steps=150", "train.schedule=constant",
+    # at 150 steps the run is still at the edge: float32 rounding alone (two exact gradient paths)
+    # moves its test accuracy between 0.12 and 0.34; at 300 it is above 0.5
+    cfg = load_train_config(CONFIGS / "digits.yaml", ["train.steps=300", "train.schedule=constant",
                                                         "heads.heads=8", "task.batch_size=16"])
     run = build_run(cfg)
     heads, s = run.heads0, run.initial_state().opt_state

@@ -203,6 +203,11 @@ class MeshConfig:
                                   f"got {value!r}")
 
     @property
+    def num_devices(self) -> int:
+        """The number of devices the mesh uses, `heads * data`."""
+        return self.heads * self.data
+
+    @property
     def sharded(self) -> bool:
         """Whether this mesh uses more than one device."""
         return self.heads * self.data > 1
