@@ -275,14 +275,15 @@ docker run --rm --name "$run_id-train" --network none --user "$uid:$gid" \
 wait "$host_pid" || { tail -20 "$work/host.out" >&2; host_pid=""; fail "the host's default train failed"; }
 host_pid=""
 
-losses() { grep -E 'loss|W2' "$1" || true; }
+# the printed loss lines, without the wall time (which differs from run to run)
+losses() { { grep -E 'loss|W2' "$1" || true; } | sed -E 's/; wall time [0-9.]+ s//'; }
 losses "$work/host.out" >"$work/host.loss"
 losses "$work/container.out" >"$work/container.loss"
 [ -s "$work/host.loss" ] || fail "the host's train printed no loss lines"
 if ! diff -u "$work/host.loss" "$work/container.loss"; then
   fail "the container's printed losses differ from the host's (diff above)"
 fi
-final="$({ grep -E '^step [0-9]+: loss' "$work/container.out" || true; } | tail -1 | sed -E 's/.* -> ([^ ]+).*/\1/')"
+final="$({ grep -E '^step [0-9]+: (training )?loss' "$work/container.out" || true; } | tail -1 | sed -E 's/.* -> ([^ ]+).*/\1/')"
 log "printed losses equal ($(wc -l <"$work/host.loss") lines); final: $final"
 "$python" - "$work/host/runs/default/metrics.jsonl" "$work/runs/default/metrics.jsonl" <<'EOF' \
   || fail "the logged metrics differ between host and container"
