@@ -41,17 +41,6 @@ THREADS = 2
 FUSED_CHUNK = {"main": None, "large": 512}
 
 
-def fused_work(B, n, d, L, M) -> dict:
-    """FLOPs and exps the fused forward + backward executes (per layer, times L).
-
-    Per (head, query, key) pair: forward 4d flops + 1 exp; backward 10d flops (scores again,
-    `gy·x`, `dz`, value and key cotangents) + 1 exp. Per (head, token): forward `Aᵀx`, `V y`
-    (2d² each); backward `Aᵀx` again, `Vᵀg`, `dV`, `dA`, `A dz` (2d² each).
-    """
-    pairs, rows = B * M * n * n, B * M * n
-    return {"flops": L * (14 * d * pairs + 14 * rows * d * d), "exps": L * 2 * pairs}
-
-
 def _timed(call):
     t0, c0 = time.perf_counter(), time.process_time()
     jax.block_until_ready(call())
@@ -218,7 +207,7 @@ def main(argv=None):
         rows = bench_size(name, shape, args.rounds, chunk, args.block_rows, use_torch)
         fwd = {k: L * v for k, v in roofline.velocity_work(B, n, d, M).items()}
         minimal = {k: L * v for k, v in roofline.gradient_work(B, n, d, M).items()}
-        executed = fused_work(*shape)
+        executed = roofline.fused_work(*shape)
         works[name] = {"minimal_flops": minimal["flops"], "minimal_exps": minimal["exps"],
                        "executed_flops": executed["flops"], "executed_exps": executed["exps"]}
         for label, r in rows.items():

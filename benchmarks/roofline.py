@@ -66,3 +66,14 @@ def ideal_seconds(work: dict, machine: dict) -> dict:
     t_exp = work["exps"] / machine["exp_per_s"]
     return {"ideal_s": t_flop + t_exp, "bound": "matmul" if t_flop >= t_exp else "exp",
             "t_flop_s": t_flop, "t_exp_s": t_exp}
+
+
+def fused_work(B, n, d, L, M) -> dict:
+    """FLOPs and exps the fused forward + backward (`meanfield_tf.euler_flow`) executes, L layers.
+
+    Per (head, query, key) pair: forward 4d flops + 1 exp; backward 10d flops (scores again,
+    `gy·x`, `dz`, value and key cotangents) + 1 exp. Per (head, token): forward `Aᵀx`, `V y`
+    (2d² each); backward `Aᵀx` again, `Vᵀg`, `dV`, `dA`, `A dz` (2d² each).
+    """
+    pairs, rows = B * M * n * n, B * M * n
+    return {"flops": L * (14 * d * pairs + 14 * rows * d * d), "exps": L * 2 * pairs}

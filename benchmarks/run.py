@@ -4,13 +4,23 @@ For every size and contender it measures, side by side in one process:
 
 - `velocity` (one vector-field evaluation of the batch), `forward` (the L-layer Euler flow) and
   `grad` (forward + gradient of `mean(|x_1|^2)` w.r.t. A and V);
-- compile time (JAX: `lower` + `compile`, reported apart) and the median wall time of the
-  compiled function after one warm-up call (repeats chosen to fit a time budget; count saved);
+- compile time (JAX: `lower` + `compile`, reported apart) and the median wall time (and process
+  CPU time) of the compiled function after one warm-up call, taken in alternating rounds: every
+  round calls every contender of the size once, so a load drift on a shared machine hits them
+  alike (repeats chosen from the warm-up to fit a time budget; count saved);
 - peak memory: JAX — XLA's `compiled.memory_analysis()` temp + output bytes (what the
   executable allocates, exact and noise-free); PyTorch — the peak process RSS increase during
   the warm-up call, sampled every 2 ms (an estimate);
 - the fraction of this machine's roofline: ideal time of the evaluation's FLOPs and exps
-  (`benchmarks/roofline.py`, measured at start-up) divided by the median time.
+  (`benchmarks/roofline.py`, measured at start-up) divided by the median time — the minimal
+  work of the algorithm for every contender (a backward from stored probabilities), and for
+  `ours-fused` also the work it executes (scores recomputed in the backward).
+
+Contenders: `ours-dense`, `ours-chunked` (`mf.flow`, gradient by autodiff through diffrax),
+`ours-fused` (`mf.euler_flow`, the fused discrete adjoint that `risk_and_gradient` and training
+use), `naive-jax`, `jax-dpa` (`jax.nn.dot_product_attention`), and with PyTorch installed
+`torch-sdpa` (`scaled_dot_product_attention` per layer, its faster key/value layout, the
+strongest peer), `torch-odeint` and `torch-odeint_adjoint` (torchdiffeq).
 
 Writes `benchmarks/results/bench-<time>.json` and `.md` and prints the Markdown table, followed
 by the performance targets (met/missed with the figures).
@@ -30,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import jax_models, roofline, torch_models
+from . import jax_models, roofline, torch_models, torch_sdpa
 
 # name: (B, n, d, L, M)
 SIZES = {
@@ -49,8 +59,9 @@ QUICK_SIZES = {
 }
 QUICK_DEFAULT = ("small", "main", "large")
 TASKS = ("velocity", "forward", "grad")
+THREADS = 2  # PyTorch's intra-op threads: the same as XLA's CPU client on this 2-core machine
 # who runs where: the dense-score peers are skipped at large n except for the dense kernel itself
-LARGE_CONTENDERS = ("ours-dense", "ours-chunked", "naive-jax")
+LARGE_CONTENDERS = ("ours-dense", "ours-chunked", "ours-fused", "naive-jax", "torch-sdpa")
 
 
 def parse_size(text: str, table: dict) -> tuple[str, tuple]:
@@ -82,20 +93,15 @@ def _repeats(first_s, budget_s, max_repeats):
     return int(max(1, min(max_repeats, budget_s // max(first_s, 1e-9))))
 
 
-def _timed_runs(call, budget_s, max_repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(call())  # warm-up
-    warm = time.perf_counter() - t0
-    repeats = _repeats(warm, budget_s, max_repeats)
-    times = [] if repeats else [warm]
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(call())
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times)), repeats, warm
+def _timed(call):
+    """Wall and process CPU seconds of one call (CPU time is steadier on a shared machine)."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    jax.block_until_ready(call())
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
-def bench_jax(model, task, A, V, x, w, budget_s, max_repeats):
+def prepare_jax(model, task, A, V, x, w):
+    """Compile the contender's task; returns (row fields, call, warm-up seconds)."""
     A, V, x, w = (jnp.asarray(a) for a in (A, V, x, w))
     if task == "velocity":
         fn, args = model.velocity, (x, w, A, V)
@@ -108,9 +114,10 @@ def bench_jax(model, task, A, V, x, w, budget_s, max_repeats):
     compile_s = time.perf_counter() - t0
     stats = compiled.memory_analysis()
     mem = None if stats is None else int(stats.temp_size_in_bytes + stats.output_size_in_bytes)
-    median, repeats, _ = _timed_runs(lambda: compiled(*args), budget_s, max_repeats)
-    return {"compile_s": compile_s, "median_s": median, "repeats": repeats, "peak_bytes": mem,
-            "memory_source": "xla temp+output"}
+    call = lambda: compiled(*args)  # noqa: E731
+    warm = _timed(call)[0]
+    return ({"compile_s": compile_s, "peak_bytes": mem, "memory_source": "xla temp+output"},
+            call, warm)
 
 
 class _RssPeak:
@@ -139,24 +146,29 @@ class _RssPeak:
         self.delta = max(0, self.peak - self.base)
 
 
-def bench_torch(peer, task, A, V, x, w, budget_s, max_repeats):
-    import torch
-
-    peer.setup(A, V, x, w)
+def prepare_torch(peer, task):
+    """The peer's task (already `setup` with the data); warm-up under an RSS sampler."""
     call = {"velocity": peer.velocity, "forward": peer.forward, "grad": peer.loss_and_grad}[task]
     with _RssPeak() as rss:
-        t0 = time.perf_counter()
-        call()
-        first = time.perf_counter() - t0
-    repeats = _repeats(first, budget_s, max_repeats)
-    times = [] if repeats else [first]
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - t0)
-    del torch
-    return {"compile_s": None, "median_s": float(np.median(times)), "repeats": repeats,
-            "peak_bytes": rss.delta, "memory_source": "RSS delta (sampled)"}
+        warm = _timed(call)[0]
+    return ({"compile_s": None, "peak_bytes": rss.delta, "memory_source": "RSS delta (sampled)"},
+            call, warm)
+
+
+def time_alternating(entries, budget_s, max_repeats):
+    """Time every entry `(row, call, warm)` in alternating rounds — each round calls every entry
+    that still needs samples — so that load drifts on a shared machine hit all contenders alike.
+    An entry gets `_repeats(warm)` samples (0: its warm-up is the one sample, `reps 1*`)."""
+    wanted = [_repeats(warm, budget_s, max_repeats) for _, _, warm in entries]
+    samples = [[] for _ in entries]
+    for round_ in range(max(wanted, default=0)):
+        for i, (_, call, _) in enumerate(entries):
+            if round_ < wanted[i]:
+                samples[i].append(_timed(call))
+    for (row, _, warm), k, got in zip(entries, wanted, samples):
+        wall = [t for t, _ in got] or [warm]
+        row.update(median_s=float(np.median(wall)), repeats=k,
+                   cpu_median_s=float(np.median([c for _, c in got])) if got else None)
 
 
 def work_of(task, B, n, d, L, M):
@@ -201,10 +213,49 @@ def _find(rows, size, contender, task, key="median_s"):
     return None
 
 
+def summary(rows) -> str:
+    """Per size and contender: forward and forward+gradient medians, grad/fwd, the gradient's
+    peak memory, how many times faster `ours-fused` is, and the roofline fractions."""
+    head = ("| size (B,n,d,L,M) | contender | fwd s | fwd+grad s | grad/fwd | grad peak MiB "
+            "| fwd+grad CPU s | ours-fused faster: fwd / fwd+grad (CPU) | roofline fwd / fwd+grad |\n"
+            "|---|---|---|---|---|---|---|---|---|\n")
+    lines = []
+    for size in dict.fromkeys(r["size"] for r in rows):
+        shape = next(tuple(r["shape"]) for r in rows if r["size"] == size)
+        ff, fg = _find(rows, size, "ours-fused", "forward"), _find(rows, size, "ours-fused", "grad")
+        fgc = _find(rows, size, "ours-fused", "grad", "cpu_median_s")
+        for name in dict.fromkeys(r["contender"] for r in rows if r["size"] == size):
+            f, g = _find(rows, size, name, "forward"), _find(rows, size, name, "grad")
+            if name == "torch-odeint_adjoint":
+                f = _find(rows, size, "torch-odeint", "forward")
+            if f is None and g is None:
+                continue
+            mem = _find(rows, size, name, "grad", "peak_bytes")
+            rf = _find(rows, size, name, "forward", "roofline_fraction")
+            rg = _find(rows, size, name, "grad", "roofline_fraction")
+            kv = _find(rows, size, name, "grad", "kv")
+            gc = _find(rows, size, name, "grad", "cpu_median_s")
+
+            def num(v, fmt):
+                return "—" if v is None else format(v, fmt)
+
+            faster = "—" if name == "ours-fused" else (
+                f"{num(f / ff if f and ff else None, '.2f')}× / "
+                f"{num(g / fg if g and fg else None, '.2f')}× "
+                f"({num(gc / fgc if gc and fgc else None, '.2f')}×)")
+            lines.append(
+                f"| {size} {shape} | {name}{f' ({kv})' if kv else ''} | {num(f, '.4f')} "
+                f"| {num(g, '.4f')} | {num(g / f if f and g else None, '.2f')} "
+                f"| {fmt_bytes(mem) if g is not None else '—'} | {num(gc, '.4f')} | {faster} "
+                f"| {num(100 * rf if rf else None, '.0f')}% / {num(100 * rg if rg else None, '.0f')}% |")
+    return head + "\n".join(lines) + "\n"
+
+
 def targets(rows, large="large"):
     out = []
     main = "main" if any(r["size"] == "main" and "median_s" in r for r in rows) else "main-L4"
-    out.append(f"(measured at size `{main}`)")
+    out.append(f"(`ours-fused` is the gradient path of `risk_and_gradient` and training; main "
+               f"size `{main}`, large size `{large}`)")
 
     def verdict(name, value, ok, detail):
         if value is None:
@@ -212,36 +263,45 @@ def targets(rows, large="large"):
         else:
             out.append(f"- {name}: **{'met' if ok else 'missed'}** — {detail}")
 
-    g, f = _find(rows, main, "ours-chunked", "grad"), _find(rows, main, "ours-chunked", "forward")
-    r = None if g is None or f is None else g / f
-    verdict("forward+gradient ÷ forward ≤ 3 (ours-chunked, main)", r, r is not None and r <= 3,
-            f"ratio {r:.2f}" if r else "missing rows")
-    gd, fd = _find(rows, main, "ours-dense", "grad"), _find(rows, main, "ours-dense", "forward")
-    if gd and fd:
-        out.append(f"  (ours-dense, plain autodiff: ratio {gd / fd:.2f})")
-    for peer in ("torch-odeint", "torch-odeint_adjoint"):
-        t = _find(rows, main, peer, "grad")
-        s = None if t is None or g is None else t / g
-        verdict(f"≥ 3× faster than {peer} (forward+gradient, main)", s, s is not None and s >= 3,
-                f"{s:.2f}× ({t:.3f} s vs {g:.3f} s)" if s else "torch not installed or skipped")
-    t = _find(rows, main, "naive-jax", "grad")
-    s = None if t is None or g is None else t / g
-    verdict("≥ 2× faster than naive JAX (forward+gradient, main)", s, s is not None and s >= 2,
-            f"{s:.2f}× ({t:.3f} s vs {g:.3f} s)" if s else "missing rows")
-    mc = _find(rows, large, "ours-chunked", "grad", "peak_bytes")
+    def ratio(a, b):
+        return None if a is None or b is None else a / b
+
+    for size in (main, large):
+        g, f = _find(rows, size, "ours-fused", "grad"), _find(rows, size, "ours-fused", "forward")
+        r = ratio(g, f)
+        verdict(f"forward+gradient ÷ forward ≤ 3 ({size})", r, r is not None and r <= 3,
+                f"{r:.2f} ({g:.3f} s / {f:.3f} s)" if r else "missing rows")
+        for task, label, need in (("grad", "forward+gradient", 1.5), ("forward", "forward", 1.2)):
+            ours = [c for c in ("ours-fused", "ours-chunked") if task == "forward" or c == "ours-fused"]
+            ours = [(c, _find(rows, size, c, task)) for c in ours]
+            ours = min((o for o in ours if o[1] is not None), key=lambda o: o[1], default=(None, None))
+            t = _find(rows, size, "torch-sdpa", task)
+            s = ratio(t, ours[1])
+            sc = ratio(_find(rows, size, "torch-sdpa", task, "cpu_median_s"),
+                       _find(rows, size, ours[0], task, "cpu_median_s"))
+            verdict(f"{label} ≥ {need}× faster than PyTorch SDPA ({size}; wall and CPU time)", s,
+                    s is not None and s >= need and (sc is None or sc >= need),
+                    f"{s:.2f}× wall ({ours[0]} {ours[1]:.3f} s vs {t:.3f} s), "
+                    f"{'—' if sc is None else f'{sc:.2f}×'} CPU time" if s
+                    else "torch not installed or skipped")
+    fr = _find(rows, main, "ours-fused", "grad", "roofline_fraction")
+    fe = _find(rows, main, "ours-fused", "grad", "roofline_executed")
+    verdict(f"forward+gradient ≥ 50% of the measured roofline ({main})", fr,
+            fr is not None and fr >= 0.5,
+            f"{100 * fr:.0f}% of the minimal work's ideal time, {100 * fe:.0f}% of the work it "
+            f"executes (scores recomputed in the backward: 2× the exps, 1.17× the flops)"
+            if fr else "missing rows")
+    mc = _find(rows, large, "ours-fused", "grad", "peak_bytes")
     md = _find(rows, large, "ours-dense", "grad", "peak_bytes")
-    s = None if mc is None or md is None else mc / md
-    verdict("gradient at large n ≤ 10% of the dense gradient's peak memory", s, s is not None and s <= 0.1,
+    s = ratio(mc, md)
+    verdict(f"gradient peak memory ≤ 2% of the dense kernel's ({large})", s,
+            s is not None and s <= 0.02,
             f"{100 * s:.2f}% ({fmt_bytes(mc)} MiB vs {fmt_bytes(md)} MiB)" if s else "missing rows")
-    vc = _find(rows, large, "ours-chunked", "velocity", "peak_bytes")
-    vd = _find(rows, large, "ours-dense", "velocity", "peak_bytes")
-    if vc and vd:
-        out.append(f"- chunked vs dense velocity peak memory at large n: {fmt_bytes(vc)} MiB vs "
-                   f"{fmt_bytes(vd)} MiB ({100 * vc / vd:.1f}%)")
-    fr = _find(rows, large, "ours-chunked", "velocity", "roofline_fraction")
-    bound = _find(rows, large, "ours-chunked", "velocity", "bound")
-    verdict("forward kernel at large n ≥ 70% of the measured roofline", fr, fr is not None and fr >= 0.7,
-            f"{100 * fr:.0f}% of the ideal ({bound}-bound)" if fr else "missing rows")
+    for peer in ("naive-jax", "jax-dpa", "torch-odeint", "torch-odeint_adjoint"):
+        t = _find(rows, main, peer, "grad")
+        s = ratio(t, _find(rows, main, "ours-fused", "grad"))
+        if s:
+            out.append(f"- (forward+gradient against {peer} at {main}: {s:.2f}× faster)")
     return "\n".join(out) + "\n"
 
 
@@ -274,46 +334,57 @@ def main(argv=None):
           f"exp {machine['exp_per_s'] / 1e9:.2f} G/s", flush=True)
 
     contenders = dict(jax_models.contenders())
-    use_torch = torch_models.AVAILABLE and not args.no_torch
     torch_note = None
-    if use_torch:
+    if torch_sdpa.AVAILABLE and not args.no_torch:
         import torch
 
         machine["torch"] = torch.__version__
-        contenders["torch-odeint"] = torch_models.TorchPeer(adjoint=False)
-        contenders["torch-odeint_adjoint"] = torch_models.TorchPeer(adjoint=True)
+        contenders["torch-sdpa"] = torch_sdpa.BestSDPAPeer(threads=THREADS)
+        if torch_models.AVAILABLE:
+            contenders["torch-odeint"] = torch_models.TorchPeer(adjoint=False)
+            contenders["torch-odeint_adjoint"] = torch_models.TorchPeer(adjoint=True)
     else:
-        torch_note = ("torch not installed (pip install -e '.[bench]')" if not torch_models.AVAILABLE
+        torch_note = ("torch not installed (pip install -e '.[bench]')" if not torch_sdpa.AVAILABLE
                       else "--no-torch")
 
     rows = []
     for size, shape in sizes:
         B, n, d, L, M = shape
         data = make_data(*shape)
+        entries = []
         for name, model in contenders.items():
             is_large = size == "large" or n >= 2048
+            if name.startswith("torch"):
+                model.setup(*data)
             for task in TASKS:
                 row = {"size": size, "shape": list(shape), "contender": name, "task": task}
+                rows.append(row)
                 if is_large and name not in LARGE_CONTENDERS:
                     row["skipped"] = "dense-score peer at large n (time budget)"
                 elif is_large and name == "naive-jax" and task == "grad":
                     row["skipped"] = "same dense scores as ours-dense (time budget)"
+                elif name == "torch-odeint_adjoint" and task != "grad":
+                    row["skipped"] = "same forward as torch-odeint"
                 if "skipped" in row:
-                    rows.append(row)
                     continue
                 if name.startswith("torch"):
-                    if name == "torch-odeint_adjoint" and task != "grad":
-                        row["skipped"] = "same forward as torch-odeint"
-                        rows.append(row)
-                        continue
-                    row.update(bench_torch(model, task, *data, budget, max_repeats))
+                    info, call, warm = prepare_torch(model, task)
+                    if hasattr(model, "kv"):
+                        row["kv"] = model.kv
                 else:
-                    row.update(bench_jax(model, task, *data, budget, max_repeats))
-                row.update(roofline.ideal_seconds(work_of(task, *shape), machine))
-                row["roofline_fraction"] = row["ideal_s"] / row["median_s"]
-                rows.append(row)
-                print(f"{size:6s} {name:22s} {task:8s} {row['median_s']:.4f} s  "
-                      f"{fmt_bytes(row['peak_bytes'])} MiB", flush=True)
+                    info, call, warm = prepare_jax(model, task, *data)
+                row.update(info)
+                entries.append((row, call, warm))
+                print(f"{size:6s} {name:22s} {task:8s} ready (warm-up {warm:.3f} s)", flush=True)
+        time_alternating(entries, budget, max_repeats)
+        for row, _, _ in entries:
+            row.update(roofline.ideal_seconds(work_of(row["task"], *shape), machine))
+            row["roofline_fraction"] = row["ideal_s"] / row["median_s"]
+            if row["contender"] == "ours-fused" and row["task"] == "grad":  # the work it executes
+                executed = roofline.ideal_seconds(roofline.fused_work(*shape), machine)
+                row["roofline_executed"] = executed["ideal_s"] / row["median_s"]
+            print(f"{size:6s} {row['contender']:22s} {row['task']:8s} {row['median_s']:.4f} s  "
+                  f"{fmt_bytes(row['peak_bytes'])} MiB", flush=True)
         if torch_note:
             rows.append({"size": size, "shape": list(shape), "contender": "torch-*", "task": "all",
                          "skipped": torch_note})
@@ -323,7 +394,8 @@ def main(argv=None):
     machine["exp_per_s_end"] = end["exp_per_s"]
     machine["total_s"] = time.time() - t_start
 
-    md = markdown(rows, machine) + "\nTargets:\n\n" + targets(rows)
+    md = (markdown(rows, machine) + "\nSummary (forward and forward+gradient side by side):\n\n"
+          + summary(rows) + "\nTargets:\n\n" + targets(rows))
     print()
     print(md)
     out = Path(args.out)

@@ -44,19 +44,27 @@ class SDPAPeer:
         logw = torch.where(w > 0, torch.log(torch.where(w > 0, w, 1.0)), -torch.inf)
         self.mask = logw[:, None, None, :]  # (B, 1, 1, n): broadcast over heads and queries
 
+    def _field(self, x, A, V):
+        q = torch.einsum("bnd,mde->bmne", x, A)
+        if self.kv == "gqa":
+            kv = x[:, None]
+            y = F.scaled_dot_product_attention(q, kv, kv, attn_mask=self.mask, scale=1.0,
+                                               enable_gqa=True)
+        else:
+            kv = x[:, None].expand(q.shape)
+            y = F.scaled_dot_product_attention(q, kv, kv, attn_mask=self.mask, scale=1.0)
+        return torch.einsum("bmnd,med->bne", y, V) / A.shape[0]
+
+    def velocity(self):
+        """One evaluation of the head-averaged field at the input tokens (first layer's heads)."""
+        with torch.no_grad():
+            return self._field(self.x, self.A[0], self.V[0])
+
     def _flow(self):
         x = self.x
-        L, M = self.A.shape[:2]
+        L = self.A.shape[0]
         for layer in range(L):
-            q = torch.einsum("bnd,mde->bmne", x, self.A[layer])
-            if self.kv == "gqa":
-                kv = x[:, None]
-                y = F.scaled_dot_product_attention(q, kv, kv, attn_mask=self.mask, scale=1.0,
-                                                   enable_gqa=True)
-            else:
-                kv = x[:, None].expand(q.shape)
-                y = F.scaled_dot_product_attention(q, kv, kv, attn_mask=self.mask, scale=1.0)
-            x = x + torch.einsum("bmnd,med->bne", y, self.V[layer]) / (M * L)
+            x = x + self._field(x, self.A[layer], self.V[layer]) / L
         return x
 
     def forward(self):
@@ -89,3 +97,12 @@ def best_kv(A, V, x, w, threads: int = 2, repeats: int = 2) -> str:
         if t < best_t:
             best, best_t = kv, t
     return best
+
+
+class BestSDPAPeer(SDPAPeer):
+    """`SDPAPeer` that picks its faster key/value layout (`best_kv`) for the data it is set up
+    with: the peer at its best settings, in the interface of `benchmarks.run`."""
+
+    def setup(self, A, V, x, w):
+        self.kv = best_kv(A, V, x, w, self.threads)
+        super().setup(A, V, x, w)
