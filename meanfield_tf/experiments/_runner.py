@@ -28,6 +28,7 @@ from typing import Any, Callable
 import jax
 
 from .._errors import ConfigError, InputError
+from ..workflow.rundir import git_commit
 from . import MODULES, NAMES, get
 from ._settings import _field_types, coerce, config_dict, parse_overrides, resolve_config  # noqa: F401
 
@@ -117,23 +118,6 @@ def _versions() -> dict[str, str | None]:
     return out
 
 
-def _git_commit() -> str | None:
-    """The commit of the source tree this package runs from (`-dirty` if modified), or None."""
-    import subprocess
-
-    here = Path(__file__).resolve().parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
-                              text=True, timeout=5)
-        if head.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=here, capture_output=True, text=True, timeout=5).stdout.strip()
-        return head.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def reproduce_command(name: str, quick: bool, seeds: int | None,
                       overrides: dict[str, Any]) -> str:
     """The one-experiment command line that reproduces a run."""
@@ -200,7 +184,7 @@ def run_experiment(name: str, out: Path | str | None = None, *, quick: bool = Fa
         "versions": _versions(),
         "python": platform.python_version(),
         "machine": machine(),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "started": started.isoformat(timespec="seconds"),
         "status": "running",
     }

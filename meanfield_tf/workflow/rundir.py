@@ -130,7 +130,7 @@ class RunDir:
             data = {}
         data.setdefault("history", []).append({
             "resumed": _now(), "command": argv, "from_step": from_step,
-            "git_commit": _git_commit(), "version": _version("meanfield_tf"),
+            "git_commit": git_commit(), "version": _version("meanfield_tf"),
             "skipped_checkpoints": skipped,
         })
         text = json.dumps(data, indent=2).encode()
@@ -278,7 +278,8 @@ def _version(pkg: str) -> str | None:
         return None
 
 
-def _git_commit() -> str | None:
+def git_commit() -> str | None:
+    """The commit of the source tree this package runs from (`-dirty` if modified), or None."""
     here = Path(__file__).resolve().parent
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
@@ -307,7 +308,7 @@ def manifest(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
         "backend": jax.default_backend(),
         "x64": bool(jax.config.jax_enable_x64),
         "seed": cfg.seed,
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "command": argv,
         "started": _now(),
         "history": [],
