@@ -148,7 +148,14 @@ def spectrum_from_jacobian(jac: Float[Array, "P F"], scale) -> NTKSpectrum:
     """The Gram $K = $ `scale` $\\cdot J J^\\top$ and its eigenvalues from the SVD of $J$."""
     jac = jnp.asarray(jac)
     p, f = jac.shape
-    sv = jnp.linalg.svd(jac, compute_uv=False)
+    if f > p:
+        # Wide J (many more parameters than outputs): J^T = Q R (thin QR, memory O(F P)) has the
+        # singular values of R (P, P). A direct SVD of J makes the CPU's SVD work on F-sized
+        # square buffers (34 GB at F = 131072); the QR is as backward stable, so the smallest
+        # eigenvalues keep their absolute accuracy (the Gram J J^T would square their error).
+        sv = jnp.linalg.svd(jnp.linalg.qr(jac.T, mode="r"), compute_uv=False)
+    else:
+        sv = jnp.linalg.svd(jac, compute_uv=False)
     if f < p:
         sv = jnp.concatenate([sv, jnp.zeros((p - f,), sv.dtype)])
     return NTKSpectrum(gram=scale * jac @ jac.T, eigenvalues=scale * sv**2)
