@@ -169,3 +169,32 @@ def test_pure_attention_shrinks_a_cap_to_a_point(getkey):
     assert diam[0] > 0.3
     assert np.all(np.diff(diam) <= 1e-12)
     assert diam[-1] < 1e-6 * diam[0]
+
+
+def test_simulate_sphere_config_and_flag(tmp_path):
+    from meanfield_tf.cli import main
+
+    out = tmp_path / "s.npz"
+    assert main(["simulate", "--config", "configs/simulate_sphere.yaml", "--out", str(out),
+                 "heads.layers=6", "tokens.n=6"]) == 0
+    xs = np.load(out)["xs"]
+    assert xs.shape == (7, 2, 6, 3)
+    assert np.abs(np.linalg.norm(xs, axis=-1) - 1).max() <= 1e-12
+    # --sphere on a Euclidean config, continuous solver: on the sphere within the tolerance
+    out = tmp_path / "c.npz"
+    assert main(["simulate", "--config", "configs/simulate_families.yaml", "--out", str(out),
+                 "--sphere", "--solver", "tsit5", "--rtol", "1e-8", "--atol", "1e-8",
+                 "--dtype", "float64", "heads.layers=2", "heads.heads=2", "tokens.n=6"]) == 0
+    assert np.abs(np.linalg.norm(np.load(out)["xs"], axis=-1) - 1).max() <= 1e-6
+
+
+def test_train_config_sphere_key_builds_the_sphere_solver():
+    from meanfield_tf.workflow import build
+    from meanfield_tf.workflow.config import load_train_config
+
+    cfg = load_train_config(None, ["solver.sphere=true"])
+    assert isinstance(build.depth_solver(cfg.solver, 2).geometry, mf.Sphere)
+    assert isinstance(build.depth_solver(load_train_config(None, []).solver, 2).geometry,
+                      mf.Euclidean)
+    with pytest.raises(mf.ConfigError, match="sphere"):
+        load_train_config(None, ["solver.sphere=maybe"])
