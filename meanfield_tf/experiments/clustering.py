@@ -22,8 +22,9 @@ the first $t$ with $D(t) <$ `threshold` (linear interpolation of $\log D$ betwee
 number of clusters at $T$ (connected components of the graph $|x_i - x_j| <$ `cluster_link`).
 A seed that has not collapsed by $T$ is censored: the row's mean collapse time is then `None`.
 
-**Cost** (2-core CPU shared with other jobs, 2026-11-30, `meanfield-tf experiment run clustering
-[--quick]`): see `docs/sphere.md`.
+**Cost** (float64; wall clock on a 2-core CPU shared with other jobs, 2026-11-30,
+`meanfield-tf experiment run clustering [--quick]`): `--quick` ≈ 30 s, full size ≈ 110 s, mostly
+compilation (one for the continuous solve, shared by every β, one for the Euler check).
 """
 
 from __future__ import annotations
@@ -222,13 +223,15 @@ def _euler_check(cfg: Config, tokens, row: dict, progress) -> dict:
     tc = np.array([collapse_time(t, diam[:, k], cfg.threshold) for k in range(cfg.seeds)])
     ref = np.array([np.inf if v is None else v for v in row["collapse_times"]])
     both = np.isfinite(tc) & np.isfinite(ref)
-    rel = np.abs(tc[both] - ref[both]) / ref[both]
+    signed = (tc[both] - ref[both]) / ref[both]
+    rel = np.abs(signed)
     result = {
         "beta": row["beta"], "layers": L, "time_step": h, "horizon": cfg.euler_horizon,
         "collapse_times": [float(v) if np.isfinite(v) else None for v in tc],
         "compared": int(both.sum()),
         "max_rel_difference": float(rel.max()) if rel.size else None,
         "mean_rel_difference": float(rel.mean()) if rel.size else None,
+        "mean_signed_rel_difference": float(signed.mean()) if rel.size else None,
         "sphere_error": float(np.abs(np.linalg.norm(xs, axis=-1) - 1).max()),
     }
     progress(f"finite transformer (normalised Euler, h={h:g}, L={L}) at beta={row['beta']:g}: "
@@ -282,7 +285,8 @@ def discussion(results: dict) -> str:
         "is reported only when every seed collapsed, so it is not biased by censoring. The "
         f"finite transformer (normalised Euler, time step {e['time_step']:g}) at β = "
         f"{e['beta']:g} collapses at times within {_pct(e['mean_rel_difference'])} on average "
-        f"(at most {_pct(e['max_rel_difference'])}) of the continuous ones; tokens stay on the "
+        f"(at most {_pct(e['max_rel_difference'])}; mean signed difference "
+        f"{_pct(e['mean_signed_rel_difference'])}) of the continuous ones; tokens stay on the "
         f"sphere to {e['sphere_error']:.1g} (Euler, normalised) and "
         f"{results['sphere_error']:.1g} (Tsit5, tangent field)."
     )
