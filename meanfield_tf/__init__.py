@@ -36,6 +36,9 @@ from ._flow import check_converged as check_converged
 from ._flow import flow as flow
 from ._gaussian import GaussianFlowSolution as GaussianFlowSolution
 from ._gaussian import gaussian_flow as gaussian_flow
+from ._geometry import AbstractGeometry as AbstractGeometry
+from ._geometry import Euclidean as Euclidean
+from ._geometry import Sphere as Sphere
 from ._gradients import AbstractGradientMethod as AbstractGradientMethod
 from ._gradients import Autodiff as Autodiff
 from ._gradients import Backsolve as Backsolve

@@ -27,6 +27,7 @@ from jaxtyping import Array, Float
 from ._adjoint import adjoint_and_gradient
 from ._euler_adjoint import chunked_adjoint_and_gradient
 from ._depth import CellArgs, cells, integrate_depth, solve_cell
+from ._errors import InputError
 from ._flow import AttentionField
 from ._gradients import AbstractGradientMethod, check_gradient_inputs, like_heads, nan_if
 from ._heads import HeadMeasure
@@ -44,6 +45,13 @@ class Explicit(AbstractGradientMethod):
     """
 
     nonlocal_term: bool = eqx.field(static=True, default=True)
+
+    def check(self, solver):
+        if not solver.geometry.euclidean:
+            raise InputError(
+                "Explicit() evaluates the closed-form adjoint of the Euclidean flow, not of the "
+                "normalised or tangent-projected flow on the sphere; use Autodiff() (exact "
+                "gradient of the solve) with geometry=Sphere()")
 
     def risk_and_gradient(self, heads, tokens, risk, solver):
         sol = _explicit(heads, tokens, risk, solver, self.nonlocal_term)

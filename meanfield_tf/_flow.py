@@ -113,8 +113,9 @@ def flow(
 
 @eqx.filter_jit
 def _flow(heads, tokens, solver, depths, adjoint):
+    field, ode, x0 = solver.problem(AttentionField(solver.kernel), tokens.x)
     sol = integrate_depth(
-        AttentionField(solver.kernel), tokens.x, heads, solver=solver.ode,
+        field, x0, heads, solver=ode,
         stepping=solver.stepping, extra=tokens.w, depths=depths, adjoint=adjoint,
     )
     return FlowSolution(x=sol.y1, s=sol.ts, xs=sol.ys, num_steps=sol.num_steps,

@@ -62,6 +62,9 @@ def gaussian_flow(
     finite transformer's Gaussian limit (that would need the discrete map); this solves the
     continuous-depth ODE.
     """
+    if not solver.geometry.euclidean:
+        raise InputError("gaussian_flow solves the moment ODE of Gaussian tokens in R^d; it has "
+                         "no sphere geometry: use DepthSolver(geometry=Euclidean()) (the default)")
     mean = jnp.asarray(mean, heads.dtype)
     cov = jnp.asarray(cov, heads.dtype)
     d = heads.dim

@@ -80,14 +80,17 @@ class Autodiff(AbstractGradientMethod):
       adjoint (`meanfield_tf._euler_adjoint`: one custom-VJP layer map per step, the backward
       recomputing each score block once; memory linear in `n`) instead of diffrax's
       checkpointed loop, which re-runs every step's forward. Same gradient to rounding
-      (default `True`; `False` keeps the diffrax path, the reference).
+      (default `True`; `False` keeps the diffrax path, the reference). Not used for tokens on
+      the sphere (`geometry=Sphere()`): its step is the Euclidean one, so the diffrax path
+      differentiates the normalised steps instead.
     """
 
     adjoint: diffrax.AbstractAdjoint = diffrax.RecursiveCheckpointAdjoint()
     fused: bool = eqx.field(static=True, default=True)
 
     def risk_and_gradient(self, heads, tokens, risk, solver):
-        chunks = solver.kernel.fused_chunks() if self.fused and solver.finite_transformer else None
+        fusable = self.fused and solver.finite_transformer and solver.geometry.euclidean
+        chunks = solver.kernel.fused_chunks() if fusable else None
         if chunks is not None:
             loss, grads, _ = _fused(heads.params, heads.interpolation, tokens, risk,
                                     solver.stepping.steps_per_layer, *chunks)
@@ -186,8 +189,9 @@ def like_heads(heads: HeadMeasure, params: dict[str, Array]) -> HeadMeasure:
 def _through_solve(heads, tokens, risk, adjoint, solver):
     def loss_fn(params):
         h = eqx.tree_at(lambda t: t.params, heads, params)
-        sol = integrate_depth(AttentionField(solver.kernel), tokens.x, h, solver=solver.ode,
-                              stepping=solver.stepping, extra=tokens.w, adjoint=adjoint)
+        field, ode, x0 = solver.problem(AttentionField(solver.kernel), tokens.x)
+        sol = integrate_depth(field, x0, h, solver=ode, stepping=solver.stepping,
+                              extra=tokens.w, adjoint=adjoint)
         return risk(sol.y1, tokens.w), sol.converged
 
     (loss, ok), grads = jax.value_and_grad(loss_fn, has_aux=True)(heads.params)

@@ -19,6 +19,7 @@ import numpy as np
 from ._attention import AbstractKernel, DenseKernel
 from ._depth import AbstractStepping, FixedSteps
 from ._errors import InputError
+from ._geometry import AbstractGeometry, Euclidean
 
 _RK4_TABLEAU = diffrax.ButcherTableau(
     c=np.array([0.5, 0.5, 1.0]),
@@ -51,6 +52,9 @@ class DepthSolver(eqx.Module):
       `AdaptiveSteps(rtol, atol)` (error control; needs a solver with an error estimate).
     - `kernel`: the attention kernel, `DenseKernel()` (default, the reference) or
       `ChunkedKernel(chunk_size)` (memory linear in `n`).
+    - `geometry`: where the tokens live, `Euclidean()` (default) or `Sphere()` (unit sphere:
+      normalised Euler steps for the finite transformer, the tangent-projected field otherwise;
+      see `meanfield_tf._geometry`).
 
     Euler with `FixedSteps(k)` is the discrete network (`finite_transformer`, exactly the
     `L`-layer transformer for `k = 1`); any other combination integrates the continuous-depth
@@ -61,6 +65,7 @@ class DepthSolver(eqx.Module):
     ode: diffrax.AbstractSolver = diffrax.Euler()
     stepping: AbstractStepping = FixedSteps(1)
     kernel: AbstractKernel = DenseKernel()
+    geometry: AbstractGeometry = Euclidean()
 
     def __check_init__(self):
         if not isinstance(self.ode, diffrax.AbstractSolver):
@@ -72,7 +77,15 @@ class DepthSolver(eqx.Module):
         if not isinstance(self.kernel, AbstractKernel):
             raise InputError(f"DepthSolver.kernel must be an attention kernel (DenseKernel(), "
                              f"ChunkedKernel(c)), got {type(self.kernel).__name__}")
+        if not isinstance(self.geometry, AbstractGeometry):
+            raise InputError(f"DepthSolver.geometry must be Euclidean() or Sphere(), got "
+                             f"{type(self.geometry).__name__}")
         self.stepping.check(self.ode)
+
+    def problem(self, field, x0):
+        """`(field, ode, x0)` of the depth solve of `field` from `x0` `(B, n, d)` in this
+        solver's geometry (unchanged in the Euclidean default)."""
+        return self.geometry.problem(field, self.ode, x0, finite=self.finite_transformer)
 
     @property
     def finite_transformer(self) -> bool:

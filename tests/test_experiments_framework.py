@@ -14,7 +14,7 @@ TINY_MFL = ["layers=2,8", "heads=4,16", "ref_heads=2000", "ref_steps=8", "--seed
 
 def test_registry_order_and_names():
     assert NAMES == ("mean-field-limit", "gaussian-limit", "adjoint", "injectivity",
-                     "convergence", "width-depth")
+                     "convergence", "width-depth", "clustering")
     listed = list_experiments()
     assert [n for n, _ in listed] == list(NAMES)
     mod = get("mean_field_limit")

@@ -26,9 +26,14 @@ def add_solver_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", default=None, choices=list(PRECISIONS),
                    help="precision policy of the cudnn and pallas kernels: float32 (default), "
                    "tf32 matmuls, or bf16 scores with float32 accumulation")
+    g.add_argument("--sphere", action="store_true", default=None,
+                   help="tokens on the unit sphere: inputs normalised, Euler steps normalised "
+                   "(finite transformer) or the field projected on the tangent space (other "
+                   "solvers); see docs/sphere.md")
 
 
 def solver_flags(args: argparse.Namespace) -> dict:
     """The solver flags as `SolverConfig` fields (`None`: not given)."""
     return {"name": args.solver, "steps": args.steps, "rtol": args.rtol, "atol": args.atol,
-            "kernel": args.kernel, "chunk_size": args.chunk_size, "precision": args.precision}
+            "kernel": args.kernel, "chunk_size": args.chunk_size, "precision": args.precision,
+            "sphere": args.sphere}

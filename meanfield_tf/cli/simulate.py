@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"simulated B={B} sequences of n={n} tokens in d={d} through L={heads.num_layers} "
           f"layers x M={heads.num_heads} heads ({sc.name}, {int(np.asarray(sol.num_steps).sum())} "
           f"steps, {sim.cfg.dtype}); wrote {Path(args.out).resolve()}")
-    disp = np.linalg.norm(x - np.asarray(sim.tokens.x), axis=-1)
+    disp = np.linalg.norm(x - np.asarray(sol.xs[0]), axis=-1)  # X_0 after any projection
     print(f"token displacement |X_1 - X_0|: mean {disp.mean():.4g}, max {disp.max():.4g}")
     if args.gaussian_exact:
         print("exact Gaussian moment flow vs empirical moments of the simulated tokens")

@@ -27,6 +27,8 @@ def register(sub) -> None:
     p.add_argument("--out", default=None,
                    help="run directory (default: runs/<config name>-<timestamp>/)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--sphere", action="store_true",
+                   help="tokens on the unit sphere (the override solver.sphere=true)")
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
                    help="run a grid: the cartesian product of every --sweep's values (each run "
                    "in its own directory under --out, the sweep directory)")
@@ -109,6 +111,8 @@ def run_train(args: argparse.Namespace) -> int:
     from ..workflow.config import load_train_config
     from ..workflow.training import train
 
+    if args.sphere:
+        args.overrides = [*args.overrides, "solver.sphere=true"]
     cfg = load_train_config(args.config, args.overrides)
     if args.sweep or args.seeds is not None:
         return _run_sweep(args, cfg)

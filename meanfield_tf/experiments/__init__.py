@@ -23,7 +23,7 @@ from .._errors import ConfigError
 
 # The registry, in the order `list` shows and `run all` runs them (module = NAME with - -> _).
 MODULES = ("mean_field_limit", "gaussian_limit", "adjoint", "injectivity", "convergence",
-           "width_depth")
+           "width_depth", "clustering")
 NAMES = tuple(m.replace("_", "-") for m in MODULES)
 
 _REQUIRED = ("NAME", "CLAIM", "Config", "QUICK", "run", "rows", "discussion")

@@ -30,6 +30,7 @@ from .._depth import AdaptiveSteps, FixedSteps
 from .._errors import ConfigError, InputError
 from .._explicit import Explicit
 from .._flow import flow
+from .._geometry import Euclidean, Sphere
 from .._gradients import Autodiff, Backsolve
 from .._heads import HeadMeasure, gaussian_heads, symmetric_heads
 from .._pallas_kernel import PallasKernel
@@ -140,7 +141,8 @@ def warn_tolerances(cfg: SolverConfig, dtype_name: str) -> None:
 def depth_solver(cfg: SolverConfig, num_layers: int) -> DepthSolver:
     """The `DepthSolver` a `SolverConfig` describes, for heads of `num_layers` layers."""
     return DepthSolver(solver(cfg.name), stepping(num_layers, cfg.steps, cfg.rtol, cfg.atol),
-                       kernel(cfg.kernel, cfg.chunk_size, cfg.precision))
+                       kernel(cfg.kernel, cfg.chunk_size, cfg.precision),
+                       geometry=Sphere() if cfg.sphere else Euclidean())
 
 
 def dtype(name: str):

@@ -160,6 +160,8 @@ def solver_flags(cfg: TrainConfig) -> str:
         flags.append(f"--atol {s.atol:g}")
     if s.kernel != "dense":
         flags.append(f"--kernel {s.kernel} --chunk-size {s.chunk_size}")
+    if s.sphere:
+        flags.append("--sphere")
     flags.append(f"--dtype {cfg.dtype}")
     return " ".join(flags)
 

@@ -137,7 +137,8 @@ class HeadsConfig:
 @dataclasses.dataclass(frozen=True)
 class SolverConfig:
     """The depth solver: `name` (euler, heun, midpoint, rk4, tsit5, dopri5, ...), `steps` total
-    fixed steps (a multiple of L; default L) or `rtol`/`atol` for adaptive steps; the kernel."""
+    fixed steps (a multiple of L; default L) or `rtol`/`atol` for adaptive steps; the kernel;
+    `sphere: true` keeps the tokens on the unit sphere (`Sphere()` geometry)."""
 
     name: str = "euler"
     steps: Optional[int] = None
@@ -146,6 +147,7 @@ class SolverConfig:
     kernel: str = "dense"  # a name of meanfield_tf.workflow.build.KERNELS
     chunk_size: int = 256
     precision: str = "float32"  # float32 | tf32 | bf16 (the cudnn and pallas kernels)
+    sphere: bool = False  # tokens on the unit sphere (meanfield_tf.Sphere)
 
     def __post_init__(self):
         positive("solver.steps", self.steps, allow_none=True)
