@@ -90,9 +90,9 @@ class Autodiff(AbstractGradientMethod):
         chunks = solver.kernel.fused_chunks() if self.fused and solver.finite_transformer else None
         if chunks is not None:
             loss, grads, _ = _fused(heads.params, heads.interpolation, tokens, risk,
-                                    solver.stepping.steps_per_layer, *chunks)
-            scale = heads.num_layers * heads.num_heads
-            return loss, like_heads(heads, {k: scale * g for k, g in grads.items()})
+                                    solver.stepping.steps_per_layer, *chunks, solver.block)
+            scale = heads.mean_field_scale()
+            return loss, like_heads(heads, {k: scale[k] * g for k, g in grads.items()})
         return _through_solve(heads, tokens, risk, self.adjoint, solver)
 
 
@@ -186,12 +186,12 @@ def like_heads(heads: HeadMeasure, params: dict[str, Array]) -> HeadMeasure:
 def _through_solve(heads, tokens, risk, adjoint, solver):
     def loss_fn(params):
         h = eqx.tree_at(lambda t: t.params, heads, params)
-        sol = integrate_depth(AttentionField(solver.kernel), tokens.x, h, solver=solver.ode,
+        sol = integrate_depth(AttentionField.of(solver), tokens.x, h, solver=solver.ode,
                               stepping=solver.stepping, extra=tokens.w, adjoint=adjoint)
         return risk(sol.y1, tokens.w), sol.converged
 
     (loss, ok), grads = jax.value_and_grad(loss_fn, has_aux=True)(heads.params)
-    scale = heads.num_layers * heads.num_heads
-    grads = {k: scale * g for k, g in grads.items()}
+    scale = heads.mean_field_scale()
+    grads = {k: scale[k] * g for k, g in grads.items()}
     bad = ~jnp.all(ok)
     return nan_if(bad, loss), like_heads(heads, nan_if(bad, grads))

@@ -19,6 +19,7 @@ import numpy as np
 from ._attention import AbstractKernel, DenseKernel
 from ._depth import AbstractStepping, FixedSteps
 from ._errors import InputError
+from ._units import Block
 
 _RK4_TABLEAU = diffrax.ButcherTableau(
     c=np.array([0.5, 0.5, 1.0]),
@@ -51,6 +52,9 @@ class DepthSolver(eqx.Module):
       `AdaptiveSteps(rtol, atol)` (error control; needs a solver with an error estimate).
     - `kernel`: the attention kernel, `DenseKernel()` (default, the reference) or
       `ChunkedKernel(chunk_size)` (memory linear in `n`).
+    - `block`: how MLP units (if the head measure holds any) act: `Block(activation,
+      composition)`, default tanh units summed with attention (`"sum"`). `"sequential"` (the
+      finite block: attention, then the units, in every step) needs Euler with fixed steps.
 
     Euler with `FixedSteps(k)` is the discrete network (`finite_transformer`, exactly the
     `L`-layer transformer for `k = 1`); any other combination integrates the continuous-depth
@@ -61,6 +65,7 @@ class DepthSolver(eqx.Module):
     ode: diffrax.AbstractSolver = diffrax.Euler()
     stepping: AbstractStepping = FixedSteps(1)
     kernel: AbstractKernel = DenseKernel()
+    block: Block = Block()
 
     def __check_init__(self):
         if not isinstance(self.ode, diffrax.AbstractSolver):
@@ -73,6 +78,15 @@ class DepthSolver(eqx.Module):
             raise InputError(f"DepthSolver.kernel must be an attention kernel (DenseKernel(), "
                              f"ChunkedKernel(c)), got {type(self.kernel).__name__}")
         self.stepping.check(self.ode)
+        if not isinstance(self.block, Block):
+            raise InputError(f"DepthSolver.block must be a Block(activation, composition), got "
+                             f"{type(self.block).__name__}")
+        if self.block.sequential and not self.finite_transformer:
+            raise InputError(
+                f"Block(composition='sequential') is the finite transformer block (attention, "
+                f"then units, in each Euler step) and needs diffrax.Euler() with FixedSteps; got "
+                f"{type(self.ode).__name__} with {type(self.stepping).__name__}. Use "
+                f"composition='sum' (the same depth limit) for other solvers")
 
     @property
     def finite_transformer(self) -> bool:
