@@ -64,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     B, n, d = sim.tokens.x.shape
     heads, sc = sim.heads, sim.cfg.solver
     print(f"simulated B={B} sequences of n={n} tokens in d={d} through L={heads.num_layers} "
-          f"layers x M={heads.num_heads} heads ({sc.name}, {int(np.asarray(sol.num_steps).sum())} "
+          f"layers x M={heads.num_heads} heads"
+          f"{f' + {heads.num_units} units' if heads.has_units else ''} ({sc.name}, {int(np.asarray(sol.num_steps).sum())} "
           f"steps, {sim.cfg.dtype}); wrote {Path(args.out).resolve()}")
     disp = np.linalg.norm(x - np.asarray(sim.tokens.x), axis=-1)
     print(f"token displacement |X_1 - X_0|: mean {disp.mean():.4g}, max {disp.max():.4g}")
