@@ -66,7 +66,9 @@ class AdjointSolution(eqx.Module):
     - `discrete`: `True` for the Euler discrete adjoint. Then, for `FixedSteps(1)`, layer `l`'s
       gradient field is `gradient_field(states[l], w, adjoints[l + 1], θ)` (Euler pairs the
       state at the start of a step with the adjoint at its end); otherwise `states[l]` pairs
-      with `adjoints[l]` (both at depth `s[l]`).
+      with `adjoints[l]` (both at depth `s[l]`). `gradient_field` covers the heads; for MLP units
+      the field is `solver.block.adjoint_and_gradient(states, adjoints, units)[1]` (for the
+      sequential block at the state after the layer's attention update).
     - `converged`: `False` if any forward or backward cell solve failed (then `loss` and `grads`
       are NaN).
     """

@@ -1,7 +1,8 @@
 r"""Mean-field gradients of a risk with respect to the head particles: the gradient methods.
 
 Every method returns the **mean-field gradient** $g_{l,m} = L\,M\,\partial R / \partial\theta_{l,m}$
-as a `HeadMeasure` of the same structure as the heads (same keys, shapes and interpolation), so
+as a `HeadMeasure` of the same structure as the heads (same keys, shapes and interpolation; MLP
+units `U`, `W`, `b` get $L M' \partial R/\partial\theta'$, their own family's count), so
 that plain gradient descent $\theta \leftarrow \theta - \tau g$ is explicit Euler of the
 conditional Wasserstein gradient flow $d\theta/dt = -\nabla_\theta G(s, \theta)$. For piecewise
 heads $g_{l,m}$ is the average of $\nabla_\theta G(s, \theta_{l,m})$ over the cell (exactly

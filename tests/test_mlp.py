@@ -94,8 +94,10 @@ def test_forward_matches_plain_loops(getkey, composition, act, interpolation, k)
     fused = euler_flow(hu, tok.x, tok.w, steps_per_layer=k, block=mf.Block(ACTS[act][0],
                                                                             composition))
     assert rel_err(x1, ref) <= RTOL and rel_err(fused, ref) <= RTOL
-    # the units matter at O(1): the attention-only flow and the other composition are far off
-    assert rel_err(mf.flow(hu.without_units(), tok).x, ref) > 1e-2
+    # the units matter at O(1): attention alone and the other composition are far off
+    zero = {**hu.params, "U": 0 * hu.params["U"]}
+    assert rel_err(plain_block(zero, interpolation, tok.x, tok.w, k, composition, ACTS[act][1]),
+                   ref) > 1e-2
     other = "sum" if composition == "sequential" else "sequential"
     assert rel_err(plain_block(hu.params, interpolation, tok.x, tok.w, k, other, ACTS[act][1]),
                    ref) > 1e-3
@@ -142,26 +144,25 @@ def test_gradients_against_finite_differences(getkey, composition):
     assert rel_err(lam0 / tok.batch_size, dx) <= RTOL
 
 
-@pytest.mark.parametrize("composition, interpolation, k, kernel", [
-    ("sum", "linear", 2, mf.DenseKernel()),
-    ("sequential", "piecewise", 2, mf.ChunkedKernel(3, 5)),
-    ("sequential", "linear", 1, mf.DenseKernel()),
+@pytest.mark.parametrize("composition, interpolation, kernel, reference", [
+    ("sum", "linear", mf.DenseKernel(), mf.Autodiff(fused=False)),  # through diffrax
+    ("sequential", "piecewise", mf.ChunkedKernel(3, 5), mf.Autodiff()),  # fused adjoint
 ])
-def test_explicit_adjoint_equals_autodiff(getkey, composition, interpolation, k, kernel):
+def test_explicit_adjoint_equals_autodiff(getkey, composition, interpolation, kernel, reference):
     hu, tok = make(getkey, L=3, Mu=4, n=5, interpolation=interpolation, zero=((1, 0),))
     tok = tok.append_query(jnp.array([0.5, -0.5]))
     risk = mf.QueryRegression(jax.random.normal(getkey(), (2, 2)))
-    slv = solver(composition, k=k, kernel=kernel)
-    loss_a, ga = mf.risk_and_gradient(hu, tok, risk, method=mf.Autodiff(fused=False), solver=slv)
+    slv = solver(composition, k=2, kernel=kernel)
+    loss_a, ga = mf.risk_and_gradient(hu, tok, risk, method=reference, solver=slv)
     loss_e, ge = mf.risk_and_gradient(hu, tok, risk, method=mf.Explicit(), solver=slv)
-    loss_f, gf = mf.risk_and_gradient(hu, tok, risk, solver=slv)  # fused discrete adjoint
     assert abs(float(loss_e) - float(loss_a)) <= RTOL * abs(float(loss_a))
     assert set(ge.params) == set(ga.params) == {"A", "V", "U", "W", "b"}
     for name in ga.params:
         assert rel_err(ge.params[name], ga.params[name]) <= RTOL, name
-        assert rel_err(gf.params[name], ga.params[name]) <= RTOL, name
+        assert float(jnp.abs(ga.params[name]).max()) > 1e-3, name
 
 
+@pytest.mark.slow
 def test_sum_with_adaptive_solver_and_the_common_depth_limit(getkey):
     """`sum` is a vector field: Tsit5 with error control integrates it (explicit adjoint = the
     continuous adjoint ODE, close to autodiff); `sequential` and `sum` with k Euler steps per
@@ -187,58 +188,73 @@ def diffrax_tsit5():
 
 
 def test_padding_invariance(getkey):
+    """Zero-weight tokens change neither the real tokens' outputs nor the gradients."""
     hu, tok = make(getkey, B=1, n=4)
     pad = mf.TokenBatch(jnp.concatenate([tok.x, jax.random.normal(getkey(), (1, 3, 2))], 1),
                         jnp.concatenate([tok.w, jnp.zeros((1, 3))], 1))
-    for c in ("sum", "sequential"):
-        assert rel_err(mf.flow(hu, pad, solver(c)).x[:, :4], mf.flow(hu, tok, solver(c)).x) <= RTOL
-        t = jax.random.normal(getkey(), tok.x.shape)
-        _, g = mf.risk_and_gradient(hu, tok, mf.TokenRegression(t), solver=solver(c))
-        tp = jnp.concatenate([t, jnp.ones((1, 3, 2))], 1)  # zero weight: no loss there
-        _, gp = mf.risk_and_gradient(hu, pad, mf.TokenRegression(tp), solver=solver(c))
-        for name in g.params:
-            assert rel_err(gp.params[name], g.params[name]) <= RTOL, name
+    block = mf.Block(composition="sequential")
+    assert rel_err(euler_flow(hu, pad.x, pad.w, block=block)[:, :4],
+                   euler_flow(hu, tok.x, tok.w, block=block)) <= RTOL
+    t = jax.random.normal(getkey(), tok.x.shape)
+    tp = jnp.concatenate([t, jnp.ones((1, 3, 2))], 1)  # zero weight: no loss there
+    _, g = euler_risk_and_gradient(hu, tok, mf.TokenRegression(t), block=block)
+    _, gp = euler_risk_and_gradient(hu, pad, mf.TokenRegression(tp), block=block)
+    for name in g:
+        assert rel_err(gp[name], g[name]) <= RTOL, name
 
 
 def test_zero_units_reproduce_attention_only(getkey):
+    """Units with u = 0 add exactly nothing: the flow and the head gradients are bit for bit
+    those of the attention-only heads."""
     hu, tok = make(getkey)
     zero = hu.with_units(U=jnp.zeros_like(hu.params["U"]), W=hu.params["W"], b=hu.params["b"])
     heads = hu.without_units()
+    assert np.array_equal(mf.flow(zero, tok).x, mf.flow(heads, tok).x)
     risk = mf.TokenRegression(jax.random.normal(getkey(), tok.x.shape))
-    for c in ("sum", "sequential"):
-        assert np.array_equal(mf.flow(zero, tok, solver(c)).x, mf.flow(heads, tok).x)
-        _, g0 = mf.risk_and_gradient(zero, tok, risk, solver=solver(c))
-        _, g = mf.risk_and_gradient(heads, tok, risk)
-        for name in g.params:
-            assert np.array_equal(g0.params[name], g.params[name]), name
+    _, g0 = euler_risk_and_gradient(zero, tok, risk, block=mf.Block(composition="sequential"))
+    _, g = euler_risk_and_gradient(heads, tok, risk)
+    for name in g:
+        assert np.array_equal(g0[name], g[name]), name
     assert not heads.has_units and heads.num_units == 0 and hu.num_units == 3
 
 
 def test_activation_derivatives():
-    z = jnp.linspace(-3.0, 3.0, 61) + 0.01  # off the ReLU kink
+    """Closed-form σ' against central differences (step 1e-6: error ~1e-11)."""
+    z = np.linspace(-3.0, 3.0, 61) + 0.01  # off the ReLU kink
     for act in (mf.Tanh(), mf.ReLU(), mf.GELU()):
-        assert rel_err(act.derivative(z), jax.vmap(jax.grad(act))(z)) <= 1e-14
+        fd = (np.asarray(act(jnp.asarray(z + 1e-6))) - np.asarray(act(jnp.asarray(z - 1e-6)))) / 2e-6
+        assert np.abs(np.asarray(act.derivative(jnp.asarray(z))) - fd).max() <= 1e-8
     assert float(mf.GELU()(jnp.array(1.0))) == pytest.approx(0.8413447460685429, rel=1e-14)
 
 
-def test_ntk_and_gradient_norm_per_family(getkey):
-    """The NTK's full Gram is the sum of its blocks with factors L M (heads) and L M' (units);
-    the descent rate of one step along -g is the per-family norm ‖g‖²."""
-    hu, tok = make(getkey, n=3)
-    tok = tok.append_query(jnp.array([0.3, 0.2]))
-    blocks = mf.ntk_blocks(hu, tok, output=mf.ReadoutQuery(jnp.array([0.3, 0.2])))
-    total = sum(blocks[k].gram for k in hu.params)
-    assert rel_err(blocks["full"].gram, total) <= RTOL
-    risk = mf.QueryRegression(jax.random.normal(getkey(), (2, 2)))
-    _, g = mf.risk_and_gradient(hu, tok, risk)
+def test_gradient_norm_is_the_descent_rate(getkey):
+    """Along -g the risk decreases at rate ‖g‖² with each family normalised by its own count
+    (L M heads, L M' units): the gradients' scaling and the norm are consistent."""
+    hu, tok = make(getkey)
+    risk = mf.TokenRegression(jax.random.normal(getkey(), tok.x.shape))
+    _, g = euler_risk_and_gradient(hu, tok, risk)
     eps = 1e-5
 
     def loss(t):
-        p = {k: v - t * g.params[k] for k, v in hu.params.items()}
-        return float(mf.risk_and_gradient(mf.HeadMeasure(**p), tok, risk)[0])
+        p = {k: v - t * g[k] for k, v in hu.params.items()}
+        return float(euler_risk_and_gradient(mf.HeadMeasure(**p), tok, risk)[0])
 
     rate = (loss(eps) - loss(-eps)) / (2 * eps)  # dR/dt along the flow = -‖g‖²
-    assert rate == pytest.approx(-float(mf.particle_norm(g.params)) ** 2, rel=FD_RTOL)
+    assert rate == pytest.approx(-float(mf.particle_norm(g)) ** 2, rel=FD_RTOL)
+
+
+@pytest.mark.slow
+def test_ntk_blocks_with_units(getkey):
+    """The NTK's full Gram is the sum of its blocks with factors L M (heads), L M' (units)."""
+    hu, tok = make(getkey, n=3)
+    tok = tok.append_query(jnp.array([0.3, 0.2]))
+    blocks = mf.ntk_blocks(hu, tok, output=mf.ReadoutQuery(jnp.array([0.3, 0.2])))
+    jac = mf.ntk_jacobian(hu, tok, output=mf.ReadoutQuery(jnp.array([0.3, 0.2])))
+    scale = hu.mean_field_scale()
+    for k, j in jac.items():
+        flat = j.reshape(4, -1)
+        assert rel_err(blocks[k].gram, scale[k] * flat @ flat.T) <= RTOL
+    assert rel_err(blocks["full"].gram, sum(blocks[k].gram for k in hu.params)) <= RTOL
 
 
 def test_training_moves_both_families_and_resumes_bit_identically(tmp_path):
@@ -252,15 +268,16 @@ def test_training_moves_both_families_and_resumes_bit_identically(tmp_path):
             "task.tokens.n=5", "train.log_every=1", "train.eval_every=4",
             "train.checkpoint_every=4"]
     full = load_train_config(config, tiny + ["train.steps=8"])
-    summary = train(full, tmp_path / "full", progress=False)
+    summary = train(full, tmp_path / "full", progress=False, figures=False)
     assert summary["loss"] < 0.5 * summary["first_loss"]
     assert summary["w2_units"] > 0 and summary["w2"] > 0
     run = build_run(full)
     end = RunDir(tmp_path / "full").load_checkpoint(run.initial_state())
     for name in ("U", "W", "b"):
         assert not np.allclose(end.heads.params[name], run.heads0.params[name]), name
-    train(load_train_config(config, tiny + ["train.steps=4"]), tmp_path / "short", progress=False)
-    train(full, tmp_path / "short", resume=True, progress=False)
+    train(load_train_config(config, tiny + ["train.steps=4"]), tmp_path / "short", progress=False,
+          figures=False)
+    train(full, tmp_path / "short", resume=True, progress=False, figures=False)
     again = RunDir(tmp_path / "short").load_checkpoint(run.initial_state())
     for name, value in end.heads.params.items():
         assert np.array_equal(np.asarray(value), np.asarray(again.heads.params[name])), name
