@@ -62,6 +62,10 @@ def gaussian_flow(
     finite transformer's Gaussian limit (that would need the discrete map); this solves the
     continuous-depth ODE.
     """
+    if heads.has_units:
+        raise InputError("the exact Gaussian flow holds for attention only: MLP units (a "
+                         "nonlinear token map) do not keep Gaussians Gaussian; pass "
+                         "heads.without_units() or simulate sampled tokens with flow")
     mean = jnp.asarray(mean, heads.dtype)
     cov = jnp.asarray(cov, heads.dtype)
     d = heads.dim

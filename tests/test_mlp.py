@@ -11,6 +11,7 @@ wrong term is O(1).
 """
 
 import math
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +24,7 @@ from meanfield_tf._euler_adjoint import euler_flow, euler_risk_and_gradient
 from conftest import rel_err
 
 RTOL = 1e-12
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "teacher_student_mlp.yaml"
 FD_RTOL = 1e-7
 
 
@@ -263,7 +265,7 @@ def test_training_moves_both_families_and_resumes_bit_identically(tmp_path):
     from meanfield_tf.workflow.rundir import RunDir
     from meanfield_tf.workflow.training import train
 
-    config = "configs/teacher_student_mlp.yaml"
+    config = CONFIG
     tiny = ["dtype=float64", "heads.layers=2", "heads.heads=4", "heads.units=6",
             "task.tokens.n=5", "train.log_every=1", "train.eval_every=4",
             "train.checkpoint_every=4"]
@@ -302,6 +304,10 @@ def test_bad_units_raise(getkey, units, message):
 
 
 def test_bad_block_options_raise():
+    hu = mf.gaussian_heads(jax.random.PRNGKey(0), 1, 1, 2).with_units(
+        **mf.gaussian_units(jax.random.PRNGKey(1), 1, 2, 2))
+    with pytest.raises(mf.InputError, match="do not keep Gaussians Gaussian"):
+        mf.gaussian_flow(hu, jnp.zeros(2), jnp.eye(2))
     with pytest.raises(mf.InputError, match="needs diffrax.Euler\\(\\) with FixedSteps"):
         mf.DepthSolver(diffrax_tsit5(), mf.AdaptiveSteps(), block=mf.Block(composition="sequential"))
     with pytest.raises(mf.InputError, match="composition must be one of"):
@@ -315,4 +321,4 @@ def test_bad_block_options_raise():
                          ("heads.block=parallel", "heads.block must be"),
                          ("heads.unitz=3", "unknown key")]:
         with pytest.raises(mf.MeanFieldError, match=message):
-            load_train_config("configs/teacher_student_mlp.yaml", [bad])
+            load_train_config(CONFIG, [bad])

@@ -20,7 +20,7 @@ def register(sub) -> None:
     )
     src = p.add_argument_group("inputs")
     src.add_argument("--tokens", help="npz with x (B,n,d) and optional w (B,n)")
-    src.add_argument("--heads", help="npz with A and V, each (L,M,d,d) (or Q, K, V factored)")
+    src.add_argument("--heads", help="npz with A and V, each (L,M,d,d) (or Q, K, V factored); optional MLP units U, W (L,M',d), b (L,M')")
     src.add_argument("--config", help="YAML config generating tokens and heads (see configs/)")
     src.add_argument("--interpolation", choices=["piecewise", "linear"], default=None,
                      help="depth interpolation of --heads (linear: L+1 nodes; default: the "
