@@ -46,6 +46,12 @@ from ._gradients import risk_and_gradient as risk_and_gradient
 from ._heads import HeadMeasure as HeadMeasure
 from ._heads import gaussian_heads as gaussian_heads
 from ._heads import symmetric_heads as symmetric_heads
+from ._units import GELU as GELU
+from ._units import AbstractActivation as AbstractActivation
+from ._units import Block as Block
+from ._units import ReLU as ReLU
+from ._units import Tanh as Tanh
+from ._units import gaussian_units as gaussian_units
 from ._injectivity import Certificate as Certificate
 from ._injectivity import NTKTest as NTKTest
 from ._injectivity import hessian_test as hessian_test

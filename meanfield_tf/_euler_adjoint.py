@@ -26,7 +26,10 @@ Backward: $10d$ flops (scores again, $\bar y^\top x$, $\bar z$, value and key co
 exp. A backward from stored probabilities would need $8d$ flops and no exp, at $O(M n^2)$ memory.
 
 Everything around the step (the depth interpolation of $\theta$, $A = Q^\top K$ for factored heads,
-the risk) is differentiated by JAX, so `jax.grad` of any function of `euler_flow` is exact.
+the MLP units of the block, the risk) is differentiated by JAX, so `jax.grad` of any function of
+`euler_flow` is exact. Units enter after the fused attention update $Y = F_j(X)$ of each step:
+$Y + h\,v'(X)$ (`Block` sum) or $Y + h\,v'(Y)$ (sequential); their cost is $O(B n M' d)$ per
+step, negligible against attention's $O(B n^2 M d)$.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from ._flow import check_compatible
 from ._heads import HeadMeasure, interpolate_cell, merged_query_key
 from ._risks import AbstractRisk
 from ._tokens import TokenBatch
+from ._units import Block
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
@@ -95,7 +99,7 @@ def _check_options(steps_per_layer, chunk_size, block_rows) -> None:
         raise InputError(f"block_rows must be >= 1 or None (automatic), got {block_rows}")
 
 
-def _flow_params(params, interpolation, x, w, k, chunk_size, block_rows):
+def _flow_params(params, interpolation, x, w, k, chunk_size, block_rows, block):
     """`X_1` from the raw parameter dict (what `jax.grad` differentiates)."""
     n = x.shape[1]
     c = n if chunk_size is None else min(chunk_size, n)
@@ -110,7 +114,8 @@ def _flow_params(params, interpolation, x, w, k, chunk_size, block_rows):
 
     def substep(left, right, x, j):
         theta = left if right is None else interpolate_cell(left, right, j.astype(dtype) / k)
-        return euler_step(x, w, merged_query_key(theta), theta["V"], h, c, block_rows)
+        y = euler_step(x, w, merged_query_key(theta), theta["V"], h, c, block_rows)
+        return block.step(x, y, theta, h)
 
     def cell(x, lr):
         left, right = lr
@@ -131,6 +136,7 @@ def euler_flow(
     steps_per_layer: int = 1,
     chunk_size: int | None = None,
     block_rows: int | None = None,
+    block: Block = Block(),
 ) -> Float[Array, "B n d"]:
     r"""Final tokens $X_1$ of the finite transformer: `steps_per_layer` Euler steps per layer.
 
@@ -146,16 +152,17 @@ def euler_flow(
     - `x` `(B, n, d)`, `w` `(B, n)`: the token batch (zero weight: padding or query tokens).
     - `chunk_size`: keys per chunk (`None`: all `n` keys in one chunk).
     - `block_rows`: (head, query) rows per block (`None`: about `2^18 / chunk_size`).
+    - `block`: how MLP units (if `heads` holds any) act, as in `DepthSolver.block`.
     """
     _check_options(steps_per_layer, chunk_size, block_rows)
     check_compatible(heads, TokenBatch(x, w, check=False))
     return _jit_flow(heads.params, heads.interpolation, x, w, steps_per_layer, chunk_size,
-                     block_rows)
+                     block_rows, block)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 4, 5, 6))
-def _jit_flow(params, interpolation, x, w, k, chunk_size, block_rows):
-    return _flow_params(params, interpolation, x, w, k, chunk_size, block_rows)
+@functools.partial(jax.jit, static_argnums=(1, 4, 5, 6, 7))
+def _jit_flow(params, interpolation, x, w, k, chunk_size, block_rows, block):
+    return _flow_params(params, interpolation, x, w, k, chunk_size, block_rows, block)
 
 
 def euler_risk_and_gradient(
@@ -167,6 +174,7 @@ def euler_risk_and_gradient(
     chunk_size: int | None = None,
     block_rows: int | None = None,
     wrt_tokens: bool = False,
+    block: Block = Block(),
 ):
     r"""The risk $R$ of the finite transformer and its **mean-field** gradient
     $g_{l,m} = L\,M\,\partial R/\partial\theta_{l,m}$, by the fused discrete adjoint.
@@ -181,7 +189,8 @@ def euler_risk_and_gradient(
       in the input token positions (plain, not rescaled).
 
     **Returns:** `(loss, grads)` — or `(loss, grads, dx)` with `wrt_tokens=True` — where `grads` is
-    a dict keyed like `heads.params` (`A`, `V` or `Q`, `K`, `V`; factored heads by the chain rule
+    a dict keyed like `heads.params` (`A`, `V` or `Q`, `K`, `V`, and `U`, `W`, `b` for units,
+    scaled by `L M'`; factored heads by the chain rule
     through $A = Q^\top K$; linear interpolation: each node collects the hat-weighted gradients of
     the steps on both sides).
     """
@@ -198,16 +207,17 @@ def euler_risk_and_gradient(
     check_compatible(heads, tokens)
     risk.validate(tokens)
     loss, grads, dx = _risk_and_gradient(heads.params, heads.interpolation, tokens, risk,
-                                         steps_per_layer, chunk_size, block_rows)
-    scale = heads.num_layers * heads.num_heads
-    grads = {name: scale * g for name, g in grads.items()}
+                                         steps_per_layer, chunk_size, block_rows, block)
+    scale = heads.mean_field_scale()
+    grads = {name: scale[name] * g for name, g in grads.items()}
     return (loss, grads, dx) if wrt_tokens else (loss, grads)
 
 
 @eqx.filter_jit
-def _risk_and_gradient(params, interpolation, tokens, risk, k, chunk_size, block_rows):
+def _risk_and_gradient(params, interpolation, tokens, risk, k, chunk_size, block_rows,
+                       block=Block()):
     def loss_fn(params, x):
-        x1 = _flow_params(params, interpolation, x, tokens.w, k, chunk_size, block_rows)
+        x1 = _flow_params(params, interpolation, x, tokens.w, k, chunk_size, block_rows, block)
         return risk(x1, tokens.w)
 
     loss, (grads, dx) = jax.value_and_grad(loss_fn, argnums=(0, 1))(params, tokens.x)

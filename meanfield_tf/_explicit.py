@@ -12,6 +12,12 @@ the closed forms of `_adjoint.py` — the local term $D_x v^\top \lambda$ and th
 - any other solver: the continuous backward ODE, integrated by diffrax with the same solver and
   stepping, from the stored forward state at every cell end (optimise-then-discretise).
 
+MLP units (`_units.py`) add their local term $(\partial v'/\partial X)^\top\lambda$ to the adjoint
+(no non-local term: a unit acts on each token alone) and their closed-form gradient field. With
+`Block(composition="sequential")` each Euler step is attention then units, and its discrete
+adjoint goes back through the units first (at the intermediate state $Y = X + h v(X)$), then
+through attention.
+
 `explicit_adjoint` returns everything it computes (states and adjoints at every cell edge), so
 that `gradient_field` can evaluate $\nabla_\theta G$ at any $\theta$, not only at the particles.
 """
@@ -30,10 +36,11 @@ from ._depth import CellArgs, cells, integrate_depth, solve_cell
 from ._errors import InputError
 from ._flow import AttentionField
 from ._gradients import AbstractGradientMethod, check_gradient_inputs, like_heads, nan_if
-from ._heads import HeadMeasure
+from ._heads import HeadMeasure, merged_query_key
 from ._risks import AbstractRisk
 from ._solvers import DepthSolver
 from ._tokens import TokenBatch
+from ._units import unit_params
 
 
 class Explicit(AbstractGradientMethod):
@@ -67,7 +74,9 @@ class AdjointSolution(eqx.Module):
     - `discrete`: `True` for the Euler discrete adjoint. Then, for `FixedSteps(1)`, layer `l`'s
       gradient field is `gradient_field(states[l], w, adjoints[l + 1], θ)` (Euler pairs the
       state at the start of a step with the adjoint at its end); otherwise `states[l]` pairs
-      with `adjoints[l]` (both at depth `s[l]`).
+      with `adjoints[l]` (both at depth `s[l]`). `gradient_field` covers the heads; for MLP units
+      the field is `solver.block.adjoint_and_gradient(states, adjoints, units)[1]` (for the
+      sequential block at the state after the layer's attention update).
     - `converged`: `False` if any forward or backward cell solve failed (then `loss` and `grads`
       are NaN).
     """
@@ -97,7 +106,7 @@ def explicit_adjoint(
 
 @eqx.filter_jit
 def _explicit(heads, tokens, risk, solver, nonlocal_term):
-    field = AttentionField(solver.kernel)
+    field = AttentionField.of(solver)
     w = tokens.w
     fwd = integrate_depth(field, tokens.x, heads, solver=solver.ode, stepping=solver.stepping,
                           extra=w)
@@ -109,7 +118,7 @@ def _explicit(heads, tokens, risk, solver, nonlocal_term):
     piecewise = right is None
     if solver.finite_transformer:
         step = _discrete_cell(field, w, L, solver.stepping.steps_per_layer, piecewise,
-                              _closed_forms(solver.kernel, nonlocal_term))
+                              _step_adjoint(solver, nonlocal_term))
     else:
         step = _continuous_cell(field, w, L, solver, piecewise, nonlocal_term)
     lam0, (lams, gL, gR, ok) = jax.lax.scan(step, lam1, cell_inputs, reverse=True)
@@ -147,7 +156,37 @@ def _closed_forms(kernel, nonlocal_term: bool):
                                                          nonlocal_term=nonlocal_term)
 
 
-def _discrete_cell(field, w, L, k, piecewise, closed_forms):
+def _step_adjoint(solver, nonlocal_term: bool):
+    r"""`(X_j, w, λ_{j+1}, θ, h) -> (λ_j, ∇_θ G)`: the discrete adjoint of one Euler step of the
+    block (attention closed forms from `_closed_forms`, units from `Block.adjoint_and_gradient`).
+
+    Sum: $\lambda_j = \lambda_{j+1} + h (\partial (v + v')/\partial X)^\top \lambda_{j+1}$ at
+    $X_j$. Sequential ($Y = X_j + h v(X_j)$): $\lambda_Y = \lambda_{j+1} + h (\partial v'/\partial
+    X)(Y)^\top \lambda_{j+1}$, unit gradients at $(Y, \lambda_{j+1})$, then
+    $\lambda_j = \lambda_Y + h (\partial v/\partial X)(X_j)^\top \lambda_Y$, head gradients at
+    $(X_j, \lambda_Y)$."""
+    attention = _closed_forms(solver.kernel, nonlocal_term)
+    block = solver.block
+
+    def back(x, w, lam, theta, h):
+        units = unit_params(theta)
+        if not units:
+            adj, g = attention(x, w, lam, theta)
+            return lam + h * adj, g
+        if block.sequential:
+            y = x + h * solver.kernel.velocity(x, w, merged_query_key(theta), theta["V"])
+            adj_u, g_u = block.adjoint_and_gradient(y, lam, units)
+            lam = lam + h * adj_u
+            adj, g = attention(x, w, lam, theta)
+            return lam + h * adj, {**g, **g_u}
+        adj, g = attention(x, w, lam, theta)
+        adj_u, g_u = block.adjoint_and_gradient(x, lam, units)
+        return lam + h * (adj + adj_u), {**g, **g_u}
+
+    return back
+
+
+def _discrete_cell(field, w, L, k, piecewise, step_adjoint):
     """One cell of the discrete adjoint of `k` Euler steps (scanned over cells in reverse)."""
 
     def cell(lam, inputs):
@@ -167,10 +206,10 @@ def _discrete_cell(field, w, L, k, piecewise, closed_forms):
             lam, gl, gr = carry
             s = s0 + j * h
             # ∂R/∂θ_j = (h/M) ∇G(X_j, λ_{j+1}, θ_j);  λ_j = λ_{j+1} + h (∂v/∂X)(X_j)^T λ_{j+1}
-            adj, gf = closed_forms(xsub[j], w, lam, args.params_at(s))
+            lam_prev, gf = step_adjoint(xsub[j], w, lam, args.params_at(s), h)
             u = jnp.zeros((), lam.dtype) if piecewise else (s - s0) * L
             gl, gr = _accumulate(gl, gr, gf, L * h, u)
-            return (lam + h * adj, gl, gr), None
+            return (lam_prev, gl, gr), None
 
         zeros = jax.tree.map(jnp.zeros_like, lp)
         (lam, gl, gr), _ = jax.lax.scan(backward, (lam, zeros, zeros), jnp.arange(k), reverse=True)
@@ -192,8 +231,12 @@ def _continuous_cell(field, w, L, solver, piecewise, nonlocal_term):
 
     def vector_field(s, y, args):
         x, lam, _, _ = y
-        adj, gf = adjoint_and_gradient(x, args.extra, lam, args.params_at(s),
-                                       nonlocal_term=nonlocal_term)
+        theta = args.params_at(s)
+        adj, gf = adjoint_and_gradient(x, args.extra, lam, theta, nonlocal_term=nonlocal_term)
+        units = unit_params(theta)
+        if units:  # composition "sum": the only one a continuous solve allows
+            adj_u, g_u = solver.block.adjoint_and_gradient(x, lam, units)
+            adj, gf = adj + adj_u, {**gf, **g_u}
         u = jnp.zeros((), x.dtype) if piecewise else (s - args.s0) * L
         zeros = jax.tree.map(jnp.zeros_like, gf)
         dgl, dgr = _accumulate(zeros, zeros, gf, -L, u)

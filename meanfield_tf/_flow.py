@@ -22,20 +22,38 @@ from ._errors import InputError, concrete_or_none
 from ._heads import HeadMeasure, merged_query_key
 from ._solvers import DepthSolver
 from ._tokens import TokenBatch
+from ._units import Block
 
 
 class AttentionField(eqx.Module):
     """The vector field `v[ν_s, μ](x)` of the whole batch, as a diffrax vector field.
 
     Called as `field(s, x, args)` with `x` of shape `(B, n, d)` and `args` a `CellArgs` whose
-    `extra` holds the token weights `(B, n)`.
+    `extra` holds the token weights `(B, n)`. When the parameters hold MLP units, their velocity
+    `v'` is added as `block` says: `v(x) + v'(x)` (sum) or `v(x) + v'(x + h v(x))` with
+    `h = 1/(L steps_per_layer)` (sequential: explicit Euler of this field is attention then units
+    in every step). Build it from a solver with `AttentionField.of(solver)`.
     """
 
     kernel: AbstractKernel = DenseKernel()
+    block: Block = Block()
+    steps_per_layer: int = eqx.field(static=True, default=1)
+
+    @classmethod
+    def of(cls, solver: DepthSolver) -> "AttentionField":
+        """The field of a `DepthSolver`: its kernel and block (and Euler steps per layer)."""
+        k = solver.stepping.steps_per_layer if solver.block.sequential else 1
+        return cls(solver.kernel, solver.block, k)
 
     def __call__(self, s, x: Float[Array, "B n d"], args: CellArgs) -> Float[Array, "B n d"]:
         theta = args.params_at(s)
-        return self.kernel.velocity(x, args.extra, merged_query_key(theta), theta["V"])
+        v = self.kernel.velocity(x, args.extra, merged_query_key(theta), theta["V"])
+        if "U" not in theta:
+            return v
+        if self.block.sequential:
+            h = 1.0 / (args.num_layers * self.steps_per_layer)
+            return v + self.block.velocity(x + h * v, theta)
+        return v + self.block.velocity(x, theta)
 
 
 class FlowSolution(eqx.Module):
@@ -113,7 +131,7 @@ def flow(
 
 @eqx.filter_jit
 def _flow(heads, tokens, solver, depths, adjoint):
-    field, ode, x0 = solver.problem(AttentionField(solver.kernel), tokens.x)
+    field, ode, x0 = solver.problem(AttentionField.of(solver), tokens.x)
     sol = integrate_depth(
         field, x0, heads, solver=ode,
         stepping=solver.stepping, extra=tokens.w, depths=depths, adjoint=adjoint,

@@ -65,6 +65,10 @@ def gaussian_flow(
     if not solver.geometry.euclidean:
         raise InputError("gaussian_flow solves the moment ODE of Gaussian tokens in R^d; it has "
                          "no sphere geometry: use DepthSolver(geometry=Euclidean()) (the default)")
+    if heads.has_units:
+        raise InputError("the exact Gaussian flow holds for attention only: MLP units (a "
+                         "nonlinear token map) do not keep Gaussians Gaussian; pass "
+                         "heads.without_units() or simulate sampled tokens with flow")
     mean = jnp.asarray(mean, heads.dtype)
     cov = jnp.asarray(cov, heads.dtype)
     d = heads.dim

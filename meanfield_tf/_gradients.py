@@ -1,7 +1,8 @@
 r"""Mean-field gradients of a risk with respect to the head particles: the gradient methods.
 
 Every method returns the **mean-field gradient** $g_{l,m} = L\,M\,\partial R / \partial\theta_{l,m}$
-as a `HeadMeasure` of the same structure as the heads (same keys, shapes and interpolation), so
+as a `HeadMeasure` of the same structure as the heads (same keys, shapes and interpolation; MLP
+units `U`, `W`, `b` get $L M' \partial R/\partial\theta'$, their own family's count), so
 that plain gradient descent $\theta \leftarrow \theta - \tau g$ is explicit Euler of the
 conditional Wasserstein gradient flow $d\theta/dt = -\nabla_\theta G(s, \theta)$. For piecewise
 heads $g_{l,m}$ is the average of $\nabla_\theta G(s, \theta_{l,m})$ over the cell (exactly
@@ -93,9 +94,9 @@ class Autodiff(AbstractGradientMethod):
         chunks = solver.kernel.fused_chunks() if fusable else None
         if chunks is not None:
             loss, grads, _ = _fused(heads.params, heads.interpolation, tokens, risk,
-                                    solver.stepping.steps_per_layer, *chunks)
-            scale = heads.num_layers * heads.num_heads
-            return loss, like_heads(heads, {k: scale * g for k, g in grads.items()})
+                                    solver.stepping.steps_per_layer, *chunks, solver.block)
+            scale = heads.mean_field_scale()
+            return loss, like_heads(heads, {k: scale[k] * g for k, g in grads.items()})
         return _through_solve(heads, tokens, risk, self.adjoint, solver)
 
 
@@ -189,13 +190,13 @@ def like_heads(heads: HeadMeasure, params: dict[str, Array]) -> HeadMeasure:
 def _through_solve(heads, tokens, risk, adjoint, solver):
     def loss_fn(params):
         h = eqx.tree_at(lambda t: t.params, heads, params)
-        field, ode, x0 = solver.problem(AttentionField(solver.kernel), tokens.x)
+        field, ode, x0 = solver.problem(AttentionField.of(solver), tokens.x)
         sol = integrate_depth(field, x0, h, solver=ode, stepping=solver.stepping,
                               extra=tokens.w, adjoint=adjoint)
         return risk(sol.y1, tokens.w), sol.converged
 
     (loss, ok), grads = jax.value_and_grad(loss_fn, has_aux=True)(heads.params)
-    scale = heads.num_layers * heads.num_heads
-    grads = {k: scale * g for k, g in grads.items()}
+    scale = heads.mean_field_scale()
+    grads = {k: scale[k] * g for k, g in grads.items()}
     bad = ~jnp.all(ok)
     return nan_if(bad, loss), like_heads(heads, nan_if(bad, grads))

@@ -14,6 +14,10 @@ Two depth interpolations:
   transformer $X^{l+1} = X^l + \frac{1}{L}\frac{1}{M}\sum_m a_{\theta_{l,m}}[\mu^l](X^l)$.
 - **linear**: arrays have $L + 1$ nodes; particle $m$ moves linearly from node $l$ to node $l+1$
   across cell $l$ (a continuous-in-depth parameter path).
+
+Optionally the same pytree holds a second particle family, the MLP units $\theta' = (u, w, b)$
+(`_units.py`): `U`, `W` `(N, M', d)` and `b` `(N, M')`, on the same depth cells and
+interpolation, so flows, gradients, optimisers and checkpoints move both families together.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._errors import InputError, check_finite, check_real
+from ._units import UNIT_KEYS
 
 _INTERPOLATIONS = ("piecewise", "linear")
 
@@ -35,17 +40,19 @@ class HeadMeasure(eqx.Module):
 
     - `params`: a dict of arrays, each of shape `(N, M, ...)` with `N = L` (piecewise) or
       `N = L + 1` (linear): `{"A": (N,M,d,d), "V": (N,M,d,d)}` (merged) or
-      `{"Q": (N,M,k,d), "K": (N,M,k,d), "V": (N,M,d,d)}` (factored).
+      `{"Q": (N,M,k,d), "K": (N,M,k,d), "V": (N,M,d,d)}` (factored); optionally MLP units
+      `{"U": (N,M',d), "W": (N,M',d), "b": (N,M')}` as well.
     - `interpolation`: `"piecewise"` or `"linear"` (static).
 
-    Build one with `HeadMeasure(A=..., V=...)` or `HeadMeasure(Q=..., K=..., V=...)`.
+    Build one with `HeadMeasure(A=..., V=...)` or `HeadMeasure(Q=..., K=..., V=...)`, adding
+    `U=..., W=..., b=...` for MLP units (all three or none).
     """
 
     params: dict[str, Array]
     interpolation: str = eqx.field(static=True)
 
-    def __init__(self, *, A=None, V=None, Q=None, K=None, interpolation: str = "piecewise",
-                 check: bool = True):
+    def __init__(self, *, A=None, V=None, Q=None, K=None, U=None, W=None, b=None,
+                 interpolation: str = "piecewise", check: bool = True):
         if interpolation not in _INTERPOLATIONS:
             raise InputError(
                 f"unknown depth interpolation {interpolation!r}; use one of {_INTERPOLATIONS}"
@@ -56,8 +63,12 @@ class HeadMeasure(eqx.Module):
             raise InputError("give either A (merged heads) or Q and K (factored heads), not both")
         if A is None and (Q is None or K is None):
             raise InputError("give A (merged heads) or both Q and K (factored heads)")
+        units = {"U": U, "W": W, "b": b}
+        given = [k for k, v in units.items() if v is not None]
+        if given and len(given) != 3:
+            raise InputError(f"MLP units need all of U, W and b; got only {', '.join(given)}")
         if check:
-            for name, arr in (("A", A), ("V", V), ("Q", Q), ("K", K)):
+            for name, arr in (("A", A), ("V", V), ("Q", Q), ("K", K), ("U", U), ("W", W), ("b", b)):
                 if arr is not None:
                     check_real(f"heads {name}", arr)
         V = jnp.asarray(V)
@@ -67,6 +78,8 @@ class HeadMeasure(eqx.Module):
         else:
             params["Q"] = jnp.asarray(Q, V.dtype)
             params["K"] = jnp.asarray(K, V.dtype)
+        if given:
+            params.update({k: jnp.asarray(v, V.dtype) for k, v in units.items()})
         if check:
             _validate(params)
         self.params = params
@@ -86,6 +99,35 @@ class HeadMeasure(eqx.Module):
     @property
     def num_heads(self) -> int:
         return self.params["V"].shape[1]
+
+    @property
+    def has_units(self) -> bool:
+        """Whether the measure holds MLP units besides the heads."""
+        return "U" in self.params
+
+    @property
+    def num_units(self) -> int:
+        """M', the number of MLP units per depth cell (0 without units)."""
+        return self.params["U"].shape[1] if self.has_units else 0
+
+    def particle_counts(self) -> dict[str, int]:
+        """Per parameter key, the particles per cell of its family: `M` (heads) or `M'` (units)."""
+        return {k: self.num_units if k in UNIT_KEYS else self.num_heads for k in self.params}
+
+    def mean_field_scale(self) -> dict[str, int]:
+        """Per parameter key, the factor `L M` (heads) or `L M'` (units) that turns `∂R/∂θ` into
+        the mean-field gradient of that particle family."""
+        return {k: self.num_layers * m for k, m in self.particle_counts().items()}
+
+    def with_units(self, U, W, b) -> "HeadMeasure":
+        """The same heads with MLP units `U`, `W` `(N, M', d)`, `b` `(N, M')` (replacing any)."""
+        heads = {k: v for k, v in self.params.items() if k not in UNIT_KEYS}
+        return HeadMeasure(**heads, U=U, W=W, b=b, interpolation=self.interpolation)
+
+    def without_units(self) -> "HeadMeasure":
+        """The attention heads alone."""
+        heads = {k: v for k, v in self.params.items() if k not in UNIT_KEYS}
+        return HeadMeasure(**heads, interpolation=self.interpolation, check=False)
 
     @property
     def dim(self) -> int:
@@ -163,10 +205,25 @@ def _validate(params: dict[str, Array]) -> None:
                 f"factored heads need Q and K of shape (L, M, k, d) = (.., .., k, {d}) matching V "
                 f"{tuple(V.shape)}; got Q {tuple(q.shape)}, K {tuple(k.shape)}"
             )
+    if "U" in params:
+        _validate_units(params, n, d)
     for name, arr in params.items():
         if not jnp.issubdtype(arr.dtype, jnp.floating):
             raise InputError(f"heads {name} must be floating point, got {arr.dtype}")
         check_finite(f"heads {name}", arr)
+
+
+def _validate_units(params: dict[str, Array], n: int, d: int) -> None:
+    U, W, b = params["U"], params["W"], params["b"]
+    if U.ndim != 3 or U.shape[0] != n or U.shape[1] < 1 or U.shape[2] != d:
+        raise InputError(f"units U has shape {tuple(U.shape)}, expected (N, M', d) = "
+                         f"({n}, M', {d}) with the heads' depth cells and dimension")
+    if W.shape != U.shape:
+        raise InputError(f"units W has shape {tuple(W.shape)} but U has {tuple(U.shape)}; "
+                         f"U and W must both be (N, M', d)")
+    if b.shape != U.shape[:2]:
+        raise InputError(f"units b has shape {tuple(b.shape)}, expected (N, M') = "
+                         f"{tuple(U.shape[:2])}")
 
 
 # ---------------------------------------------------------------------------------------------

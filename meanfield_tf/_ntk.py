@@ -182,14 +182,16 @@ def ntk_blocks(
     `(P, P)` with `P = B d` (readout query) or `B n d` (token outputs).
 
     The factor is `heads.num_layers * heads.num_heads` for both depth interpolations (with
-    `"linear"` heads the `L + 1` nodes are the parameters, each shared by two cells).
+    `"linear"` heads the `L + 1` nodes are the parameters, each shared by two cells); MLP units
+    (blocks `"U"`, `"W"`, `"b"`) get `L M'`, the mean-field factor of their own family.
     """
     jac = ntk_jacobian(heads, tokens, output=output, solver=solver)
     num_out = int(np.prod(output.select(output.prepare(tokens).x).shape))
-    scale = heads.num_layers * heads.num_heads
+    scale = heads.mean_field_scale()
     flats = {k: _flat(v, num_out) for k, v in jac.items()}
-    out = {k: spectrum_from_jacobian(v, scale) for k, v in flats.items()}
-    out["full"] = spectrum_from_jacobian(jnp.concatenate(list(flats.values()), axis=1), scale)
+    out = {k: spectrum_from_jacobian(v, scale[k]) for k, v in flats.items()}
+    full = jnp.concatenate([np.sqrt(scale[k]) * v for k, v in flats.items()], axis=1)
+    out["full"] = spectrum_from_jacobian(full, 1)
     return out
 
 

@@ -162,6 +162,9 @@ def shard_heads(heads: HeadMeasure, mesh: Mesh) -> HeadMeasure:
     if not isinstance(heads, HeadMeasure):
         raise InputError(f"shard_heads expects a HeadMeasure, got {type(heads).__name__}")
     _check_divides("heads", heads.num_heads, mesh.shape[HEADS_AXIS])
+    if heads.has_units and heads.num_units % mesh.shape[HEADS_AXIS]:  # split along M' alike
+        raise InputError(f"number of MLP units M'={heads.num_units} is not divisible by "
+                         f"mesh.heads={mesh.shape[HEADS_AXIS]}; use a multiple of it")
     return jax.tree.map(lambda a: _place(a, heads_sharding(mesh, np.ndim(a))), heads)
 
 

@@ -20,6 +20,7 @@ from ._attention import AbstractKernel, DenseKernel
 from ._depth import AbstractStepping, FixedSteps
 from ._errors import InputError
 from ._geometry import AbstractGeometry, Euclidean
+from ._units import Block
 
 _RK4_TABLEAU = diffrax.ButcherTableau(
     c=np.array([0.5, 0.5, 1.0]),
@@ -52,6 +53,9 @@ class DepthSolver(eqx.Module):
       `AdaptiveSteps(rtol, atol)` (error control; needs a solver with an error estimate).
     - `kernel`: the attention kernel, `DenseKernel()` (default, the reference) or
       `ChunkedKernel(chunk_size)` (memory linear in `n`).
+    - `block`: how MLP units (if the head measure holds any) act: `Block(activation,
+      composition)`, default tanh units summed with attention (`"sum"`). `"sequential"` (the
+      finite block: attention, then the units, in every step) needs Euler with fixed steps.
     - `geometry`: where the tokens live, `Euclidean()` (default) or `Sphere()` (unit sphere:
       normalised Euler steps for the finite transformer, the tangent-projected field otherwise;
       see `meanfield_tf._geometry`).
@@ -65,6 +69,7 @@ class DepthSolver(eqx.Module):
     ode: diffrax.AbstractSolver = diffrax.Euler()
     stepping: AbstractStepping = FixedSteps(1)
     kernel: AbstractKernel = DenseKernel()
+    block: Block = Block()
     geometry: AbstractGeometry = Euclidean()
 
     def __check_init__(self):
@@ -81,6 +86,15 @@ class DepthSolver(eqx.Module):
             raise InputError(f"DepthSolver.geometry must be Euclidean() or Sphere(), got "
                              f"{type(self.geometry).__name__}")
         self.stepping.check(self.ode)
+        if not isinstance(self.block, Block):
+            raise InputError(f"DepthSolver.block must be a Block(activation, composition), got "
+                             f"{type(self.block).__name__}")
+        if self.block.sequential and not self.finite_transformer:
+            raise InputError(
+                f"Block(composition='sequential') is the finite transformer block (attention, "
+                f"then units, in each Euler step) and needs diffrax.Euler() with FixedSteps; got "
+                f"{type(self.ode).__name__} with {type(self.stepping).__name__}. Use "
+                f"composition='sum' (the same depth limit) for other solvers")
 
     def problem(self, field, x0):
         """`(field, ode, x0)` of the depth solve of `field` from `x0` `(B, n, d)` in this

@@ -6,7 +6,8 @@ $$\frac{d\theta}{dt} = -\nabla_\theta G(s, \theta), \qquad G = \frac{\delta R}{\
 
 On the finite model ($L$ cells of $M$ particles) $\partial R / \partial \theta_{l,m} =
 \frac{1}{LM} \nabla_\theta G(s_l, \theta_{l,m})$, so the **mean-field gradient** is
-$g_{l,m} = L M\, \partial R / \partial \theta_{l,m}$. The $L \cdot M$ rescaling is done in the
+$g_{l,m} = L M\, \partial R / \partial \theta_{l,m}$ (MLP units: $L M'$, their own count, so one
+step size $\tau$ moves both families along the same flow). The rescaling is done in the
 gradient function (`MeanFieldGradient`, which calls the project's gradient methods in
 `meanfield_tf._gradients`), never inside the optimiser: the optimiser only ever sees $g$.
 
@@ -46,6 +47,7 @@ from ._gradients import AbstractGradientMethod, Autodiff, risk_and_gradient
 from ._heads import HeadMeasure
 from ._sharding import constrain_like_heads
 from ._solvers import DepthSolver
+from ._units import head_params, unit_params
 
 
 class TrainingDiverged(MeanFieldError):
@@ -181,10 +183,16 @@ class MeanFieldGradient(eqx.Module):
 
 
 def particle_norm(g: dict[str, Array]) -> Float[Array, ""]:
-    r"""$\|g\|_{L^2(\nu)} = (\frac{1}{LM} \sum_{l,m} |g_{l,m}|^2)^{1/2}$ over every parameter block."""
-    leaves = jax.tree.leaves(g)
-    n = leaves[0].shape[0] * leaves[0].shape[1]
-    return jnp.sqrt(sum(jnp.sum(x**2) for x in leaves) / n)
+    r"""$\|g\|_{L^2(\nu)} = (\frac{1}{LM} \sum_{l,m} |g_{l,m}|^2)^{1/2}$ over every parameter block;
+    with MLP units, plus $\frac{1}{LM'} \sum_{l,j} |g'_{l,j}|^2$ under the root (each family
+    normalised by its own particle count, so that $dR/dt = -\|g\|^2$ still holds)."""
+    total = 0.0
+    for family in (head_params(g), unit_params(g)):
+        leaves = jax.tree.leaves(family)
+        if leaves:
+            n = leaves[0].shape[0] * leaves[0].shape[1]
+            total = total + sum(jnp.sum(x**2) for x in leaves) / n
+    return jnp.sqrt(total)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,11 +262,19 @@ def init_optimizer(optimizer, heads: HeadMeasure, learning_rate=None):
 # Distance travelled by the heads
 
 
-def layer_particles(heads: HeadMeasure) -> Float[Array, "N M p"]:
-    """Every particle flattened: `(N, M, p)` with `p` the number of parameters of one head."""
-    leaves = [heads.params[k] for k in sorted(heads.params)]
+def layer_particles(heads: HeadMeasure, *, units: bool = False) -> Float[Array, "N M p"]:
+    """Every head particle flattened: `(N, M, p)` with `p` the number of parameters of one head;
+    with `units=True`, the MLP units instead: `(N, M', 2d + 1)`."""
+    params = _family(heads, units)
+    leaves = [params[k] for k in sorted(params)]
     n, m = leaves[0].shape[:2]
     return jnp.concatenate([x.reshape(n, m, -1) for x in leaves], axis=-1)
+
+
+def _family(heads: HeadMeasure, units: bool) -> dict[str, Array]:
+    if units and not heads.has_units:
+        raise InputError("these heads hold no MLP units (HeadMeasure(..., U=, W=, b=))")
+    return unit_params(heads.params) if units else head_params(heads.params)
 
 
 def conditional_w2(
@@ -268,6 +284,7 @@ def conditional_w2(
     epsilon: float = 1e-3,
     threshold: float | None = None,
     max_iterations: int = 2000,
+    units: bool = False,
 ) -> tuple[Float[Array, ""], Float[Array, " N"]]:
     r"""The conditional Wasserstein distance $W_{2,c}(\nu, \nu')$ between two head measures.
 
@@ -284,13 +301,16 @@ def conditional_w2(
     plan converges to an optimal assignment as `epsilon -> 0`; at `1e-3` it matches the exact
     assignment cost to rounding in the tests.
 
+    `units=True` measures the MLP-unit family $\nu'$ instead of the heads (particles
+    $(u, w, b)$), the same way.
+
     **Returns:** `(W_{2,c}, per_layer)` with `per_layer[l] = W_2(ν_l, ν'_l)`, shape `(N,)`.
     """
     from ott.geometry import geometry
     from ott.solvers import linear
 
-    x = layer_particles(heads)
-    y = layer_particles(reference).astype(x.dtype)
+    x = layer_particles(heads, units=units)
+    y = layer_particles(reference, units=units).astype(x.dtype)
     if threshold is None:
         threshold = 1e-9 if x.dtype == jnp.float64 else 1e-5
 

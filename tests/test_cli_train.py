@@ -54,7 +54,7 @@ def test_shipped_configs_are_valid():
 
     root = Path(__file__).resolve().parents[1] / "configs"
     names = {"teacher_student", "teacher_student_tokens", "in_context_regression", "digits",
-             "distribution_matching"}
+             "distribution_matching", "teacher_student_mlp"}
     for name in names:
         cfg = load_train_config(root / f"{name}.yaml")
         assert cfg.name == name

@@ -20,7 +20,7 @@ def register(sub) -> None:
     )
     src = p.add_argument_group("inputs")
     src.add_argument("--tokens", help="npz with x (B,n,d) and optional w (B,n)")
-    src.add_argument("--heads", help="npz with A and V, each (L,M,d,d) (or Q, K, V factored)")
+    src.add_argument("--heads", help="npz with A and V, each (L,M,d,d) (or Q, K, V factored); optional MLP units U, W (L,M',d), b (L,M')")
     src.add_argument("--config", help="YAML config generating tokens and heads (see configs/)")
     src.add_argument("--interpolation", choices=["piecewise", "linear"], default=None,
                      help="depth interpolation of --heads (linear: L+1 nodes; default: the "
@@ -64,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     B, n, d = sim.tokens.x.shape
     heads, sc = sim.heads, sim.cfg.solver
     print(f"simulated B={B} sequences of n={n} tokens in d={d} through L={heads.num_layers} "
-          f"layers x M={heads.num_heads} heads ({sc.name}, {int(np.asarray(sol.num_steps).sum())} "
+          f"layers x M={heads.num_heads} heads"
+          f"{f' + {heads.num_units} units' if heads.has_units else ''} ({sc.name}, {int(np.asarray(sol.num_steps).sum())} "
           f"steps, {sim.cfg.dtype}); wrote {Path(args.out).resolve()}")
     disp = np.linalg.norm(x - np.asarray(sol.xs[0]), axis=-1)  # X_0 after any projection
     print(f"token displacement |X_1 - X_0|: mean {disp.mean():.4g}, max {disp.max():.4g}")

@@ -90,6 +90,9 @@ def _report(summary: dict, out=None) -> None:
               f"{summary['loss']:.4e}){orders}; wall time {summary['wall_s']:.1f} s", file=out)
     if "w2" in summary:
         print(f"heads moved W2,c = {summary['w2']:.4g} from their initial measure", file=out)
+    if "w2_units" in summary:
+        print(f"MLP units moved W2,c = {summary['w2_units']:.4g} from their initial measure",
+              file=out)
     if "test_loss" in summary:
         print(f"test loss {summary['test_loss']:.4e}", file=out)
     if "test_accuracy" in summary:
@@ -121,8 +124,10 @@ def run_train(args: argparse.Namespace) -> int:
     if not main:  # several processes: process 0 reports and writes the run directory
         train(cfg, out, argv=args.argv, progress=False)
         return 0
-    print(f"training {cfg.name} ({cfg.task.name}, L={cfg.heads.layers} x M={cfg.heads.heads} heads, "
-          f"d={cfg.heads.dim}, {cfg.train.steps} steps of {cfg.train.optimizer} "
+    units = (f" + M'={cfg.heads.units} {cfg.heads.activation} units ({cfg.heads.block})"
+             if cfg.heads.units else "")
+    print(f"training {cfg.name} ({cfg.task.name}, L={cfg.heads.layers} x M={cfg.heads.heads} heads"
+          f"{units}, d={cfg.heads.dim}, {cfg.train.steps} steps of {cfg.train.optimizer} "
           f"lr={cfg.train.learning_rate}, {cfg.dtype}) -> {out}", flush=True)
     summary = train(cfg, out, argv=args.argv, progress=not args.quiet)
     _report(summary)

@@ -1,8 +1,10 @@
 """Where names become objects: the one place that turns the words of a YAML config or of the
 command line into library objects.
 
-- `SOLVERS`, `KERNELS`, `GRADIENT_METHODS`: the name tables (the CLI's `choices` come from them);
-- `depth_solver`: a `SolverConfig` (or the equivalent flags) → `DepthSolver`;
+- `SOLVERS`, `KERNELS`, `GRADIENT_METHODS`, `ACTIVATIONS`: the name tables (the CLI's `choices`
+  come from them);
+- `depth_solver`: a `SolverConfig` (or the equivalent flags) → `DepthSolver`; `block_of`: the
+  MLP units' `Block` of a `HeadsConfig`;
 - `optimizer`: a `TrainSection` → `GradientFlowOptimizer`;
 - `family`, `families`, `tokens`, `heads`: token families and the initial head measure;
 - `task`: a training config → the task object (`TeacherStudent`, `InContextRegression`,
@@ -36,6 +38,7 @@ from .._heads import HeadMeasure, gaussian_heads, symmetric_heads
 from .._pallas_kernel import PallasKernel
 from .._precision import PRECISIONS
 from .._solvers import ClassicalRK4, DepthSolver
+from .._units import GELU, Block, ReLU, Tanh, gaussian_units
 from .._tokens import Discrete, Gaussian, GaussianMixture, UniformBall, UniformBox, sample_tokens
 from .._training import (
     GradientFlowOptimizer,
@@ -76,6 +79,7 @@ KERNELS = {
 }
 PRECISION_KERNELS = ("cudnn", "pallas")  # the kernels that take a precision policy
 GRADIENT_METHODS = {"autodiff": Autodiff, "backsolve": Backsolve, "explicit": Explicit}
+ACTIVATIONS = {"tanh": Tanh, "relu": ReLU, "gelu": GELU}
 DTYPES = ("float32", "float64")
 
 
@@ -138,11 +142,17 @@ def warn_tolerances(cfg: SolverConfig, dtype_name: str) -> None:
                                           else ""), UserWarning, stacklevel=2)
 
 
-def depth_solver(cfg: SolverConfig, num_layers: int) -> DepthSolver:
-    """The `DepthSolver` a `SolverConfig` describes, for heads of `num_layers` layers."""
+def depth_solver(cfg: SolverConfig, num_layers: int, block: Block = Block()) -> DepthSolver:
+    """The `DepthSolver` a `SolverConfig` describes, for heads of `num_layers` layers, with the
+    MLP `block` (`block_of(heads_cfg)`)."""
     return DepthSolver(solver(cfg.name), stepping(num_layers, cfg.steps, cfg.rtol, cfg.atol),
-                       kernel(cfg.kernel, cfg.chunk_size, cfg.precision),
+                       kernel(cfg.kernel, cfg.chunk_size, cfg.precision), block,
                        geometry=Sphere() if cfg.sphere else Euclidean())
+
+
+def block_of(cfg: HeadsConfig) -> Block:
+    """The `Block` (activation, composition) of the MLP units a `HeadsConfig` describes."""
+    return Block(_choose(ACTIVATIONS, cfg.activation, "activation")(), cfg.block)
 
 
 def dtype(name: str):
@@ -212,9 +222,18 @@ def heads(cfg: HeadsConfig, key, dtype) -> HeadMeasure:
     """Initialise the head measure a `HeadsConfig` describes."""
     common = dict(scale_A=cfg.scale_A, scale_V=cfg.scale_V, mean_A=cfg.mean_A, rank=cfg.rank,
                   interpolation=cfg.interpolation, dtype=dtype)
+    if cfg.units:  # a key of its own: the heads are those of the same seed without units
+        key, k_units = jax.random.split(key)
     if cfg.init == "gaussian":
-        return gaussian_heads(key, cfg.layers, cfg.heads, cfg.dim, mean_V=cfg.mean_V, **common)
-    return symmetric_heads(key, cfg.layers, cfg.heads, cfg.dim, **common)
+        h = gaussian_heads(key, cfg.layers, cfg.heads, cfg.dim, mean_V=cfg.mean_V, **common)
+    else:
+        h = symmetric_heads(key, cfg.layers, cfg.heads, cfg.dim, **common)
+    if not cfg.units:
+        return h
+    return h.with_units(**gaussian_units(
+        k_units, cfg.layers, cfg.units, cfg.dim, scale_U=cfg.scale_U, scale_W=cfg.scale_W,
+        scale_b=cfg.scale_b, symmetric=cfg.init == "symmetric", interpolation=cfg.interpolation,
+        dtype=dtype))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,7 +363,7 @@ def run(cfg: TrainConfig) -> Run:
     dt = dtype(cfg.dtype)
     warn_tolerances(cfg.solver, cfg.dtype)
     try:
-        solve = depth_solver(cfg.solver, cfg.heads.layers)
+        solve = depth_solver(cfg.solver, cfg.heads.layers, block_of(cfg.heads))
     except InputError as err:
         raise ConfigError(f"solver: {err}") from None
     gradient = MeanFieldGradient(method=gradient_method(cfg.train.gradient), solver=solve)

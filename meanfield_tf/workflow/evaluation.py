@@ -1,7 +1,7 @@
 """Evaluating a run: the distance travelled by the heads, test metrics, and run summaries.
 
 - `evaluate(run, heads)`: the conditional Wasserstein distance W_{2,c} of `heads` from the run's
-  initial heads (per layer too) and, if the task has a test set, its metrics (`test_loss`,
+  initial heads (per layer too; `w2_units` for the MLP units, measured separately) and, if the task has a test set, its metrics (`test_loss`,
   `test_accuracy` for classification);
 - `evaluate_run(path)`: the metrics of a run directory's last checkpoint (`meanfield-tf eval`);
 - `summarize(rd)`: first and last loss, the loss averaged over the last 10% of logged steps,
@@ -28,8 +28,11 @@ from .rundir import RunDir, load_run
 
 def evaluate(run: Run, heads: HeadMeasure) -> dict[str, Any]:
     """W_{2,c} from the initial heads and the test metrics (if the task has a test set)."""
-    w2, layers = _w2(heads, run.heads0)
+    w2, layers = _w2(heads, run.heads0, False)
     out = {"w2": float(w2), "w2_layers": [float(v) for v in np.asarray(layers)]}
+    if heads.has_units:  # the MLP-unit family, measured on its own
+        w2u, layers_u = _w2(heads, run.heads0, True)
+        out.update(w2_units=float(w2u), w2_units_layers=[float(v) for v in np.asarray(layers_u)])
     test = run.task.test_batch()
     if test is not None:
         for k, v in _test_metrics(run.solver, heads, test).items():
@@ -37,14 +40,15 @@ def evaluate(run: Run, heads: HeadMeasure) -> dict[str, Any]:
     return out
 
 
-def distance_travelled(run: Run, heads: HeadMeasure) -> float:
-    """W_{2,c} of `heads` from the run's initial heads (the `w2` rows of `metrics.jsonl`)."""
-    return float(_w2(heads, run.heads0)[0])
+def distance_travelled(run: Run, heads: HeadMeasure, *, units: bool = False) -> float:
+    """W_{2,c} of `heads` from the run's initial heads (the `w2` rows of `metrics.jsonl`); with
+    `units=True`, of the MLP-unit family (`w2_units`)."""
+    return float(_w2(heads, run.heads0, units)[0])
 
 
 @eqx.filter_jit
-def _w2(heads, heads0):
-    return conditional_w2(heads, heads0)
+def _w2(heads, heads0, units):
+    return conditional_w2(heads, heads0, units=units)
 
 
 @eqx.filter_jit
@@ -100,7 +104,7 @@ def summarize(rd: RunDir) -> dict[str, Any]:
                    wall_s=max(r.get("wall_s", 0.0) for r in rows))
     if eval_rows:
         out.update({k: v for k, v in eval_rows[-1].items()
-                    if k not in ("kind", "w2_layers", "wall_s")})
+                    if k not in ("kind", "w2_layers", "w2_units_layers", "wall_s")})
         if eval_rows[0].get("test_accuracy") is not None:
             out["initial_test_accuracy"] = eval_rows[0]["test_accuracy"]
     return out

@@ -53,13 +53,16 @@ def load_tokens(path, dtype=None) -> TokenBatch:
 
 
 def load_heads(path, dtype=None, interpolation: str | None = None) -> HeadMeasure:
-    """Heads from an `.npz` with keys `A` and `V`, each `(L, M, d, d)` (or `Q`, `K`, `V` factored).
+    """Heads from an `.npz` with keys `A` and `V`, each `(L, M, d, d)` (or `Q`, `K`, `V` factored),
+    and MLP units `U`, `W` `(L, M', d)`, `b` `(L, M')` if the file has any of them.
 
     The depth interpolation is `interpolation`, else the file's `interpolation` key (written by
     `meanfield-tf export`), else `"piecewise"`; a flag that contradicts the file is refused.
     """
     probe = _open_npz(path, ("V",), "heads")
     required = ("Q", "K", "V") if "Q" in probe and "A" not in probe else ("A", "V")
+    if any(k in probe for k in ("U", "W", "b")):  # MLP units: all three
+        required = (*required, "U", "W", "b")
     data = _open_npz(path, required, "heads")
     recorded = str(data["interpolation"]) if "interpolation" in data else None
     if interpolation is not None and recorded is not None and interpolation != recorded:

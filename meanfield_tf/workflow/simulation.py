@@ -36,7 +36,8 @@ class Simulation:
 
     def run(self) -> FlowSolution:
         """The forward flow of the config's solver, checked for a failed solve."""
-        solver = build.depth_solver(self.cfg.solver, self.heads.num_layers)
+        solver = build.depth_solver(self.cfg.solver, self.heads.num_layers,
+                                    build.block_of(self.cfg.heads))
         n = self.cfg.num_saves
         depths = None if n is None else jnp.linspace(0, 1, max(n, 2), dtype=self.heads.dtype)
         sol = flow(self.heads, self.tokens, solver, depths=depths).check()

@@ -205,9 +205,11 @@ class _Loop:
             if self.main:
                 self.rd.append_metrics({**row, "wall_s": self.wall()})
         elif done % tc.w2_every == 0:  # the distance travelled, more often than evaluations
-            w2 = distance_travelled(self.run, self.heads)  # collective
+            row = {"w2": distance_travelled(self.run, self.heads)}  # collective
+            if self.heads.has_units:
+                row["w2_units"] = distance_travelled(self.run, self.heads, units=True)
             if self.main:
-                self.rd.append_metrics({"kind": "w2", "step": done, "time": self.tau, "w2": w2})
+                self.rd.append_metrics({"kind": "w2", "step": done, "time": self.tau, **row})
         if done % tc.checkpoint_every == 0 or done == tc.steps:
             self._hold_checkpoint(done)
 

@@ -103,7 +103,11 @@ class TokensConfig:
 
 @dataclasses.dataclass(frozen=True)
 class HeadsConfig:
-    """The initial head measure: `layers` cells × `heads` particles in dimension `dim`."""
+    """The initial head measure: `layers` cells × `heads` particles in dimension `dim`; with
+    `units: M'` > 0, also `M'` MLP units per cell (`activation` tanh | relu | gelu, composed with
+    attention by `block`: sum | sequential), entries of `u`, `w` with scales `scale_U`, `scale_W`
+    (over sqrt(d)) and biases with `scale_b`; `init: symmetric` pairs units as (u, w, b),
+    (-u, w, b) too."""
 
     layers: int = 8
     heads: int = 16
@@ -115,10 +119,17 @@ class HeadsConfig:
     mean_V: float = 0.0  # V = mean_V I + noise (gaussian init only)
     rank: Optional[int] = None  # factored heads (Q, K of rank k) when set
     interpolation: str = "piecewise"  # piecewise | linear
+    units: int = 0  # M' MLP units per layer (0: attention only)
+    activation: str = "tanh"  # a name of meanfield_tf.workflow.build.ACTIVATIONS
+    block: str = "sum"  # sum | sequential: how the units compose with attention
+    scale_U: float = 1.0
+    scale_W: float = 1.0
+    scale_b: float = 0.0
 
     def __post_init__(self):
         for name in ("layers", "heads", "dim"):
             positive(f"heads.{name}", getattr(self, name))
+        self._check_units()
         positive("heads.rank", self.rank, allow_none=True)
         if self.init not in ("gaussian", "symmetric"):
             raise ConfigError(f"heads.init must be 'gaussian' or 'symmetric', got {self.init!r}")
@@ -132,6 +143,23 @@ class HeadsConfig:
             raise ConfigError("heads.mean_V must be 0 with init=symmetric (pairs (A, V), (A, -V))")
         if self.scale_A < 0 or self.scale_V < 0:
             raise ConfigError("heads.scale_A and heads.scale_V must be >= 0")
+
+    def _check_units(self):
+        from ..build import ACTIVATIONS
+
+        if self.units < 0:
+            raise ConfigError(f"heads.units must be >= 0 (0: no MLP units), got {self.units}")
+        if self.init == "symmetric" and self.units % 2:
+            raise ConfigError(f"heads.init=symmetric needs an even units count, got {self.units}")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"heads.activation must be one of {', '.join(ACTIVATIONS)}, got "
+                              f"{self.activation!r}")
+        if self.block not in ("sum", "sequential"):
+            raise ConfigError(f"heads.block must be 'sum' or 'sequential', got {self.block!r}")
+        for name in ("scale_U", "scale_W", "scale_b"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"heads.{name} must be finite and >= 0, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
