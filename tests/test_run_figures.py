@@ -12,9 +12,10 @@ COMMON = ["train.steps=3", "train.log_every=1", "train.eval_every=2", "train.w2_
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 BASE = ["loss.png", "particles.png", "tokens_initial.png", "tokens_trained.png"]
 CASES = {
-    "teacher_student": (["task.tokens.n=5"], BASE),
+    "teacher_student": (["task.tokens.n=5", "logging.ntk=true"], BASE + ["ntk.png"]),
     "teacher_student_tokens": (["task.tokens.n=5"], BASE),
-    "in_context_regression": (["task.n=6", "task.batch_size=4", "task.test_size=8"], BASE),
+    "in_context_regression": (["task.n=6", "task.batch_size=4", "task.test_size=8",
+                               "logging.ntk=true"], BASE + ["ntk.png"]),
     "digits": (["task.batch_size=4", "heads.layers=1"], BASE + ["confusion.png",
                                                                  "predictions.png"]),
     "distribution_matching": (["task.tokens.n=6", "task.target_n=6"], BASE),
