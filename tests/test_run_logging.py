@@ -30,13 +30,17 @@ def _loop_gram(heads, tokens_q, readout=None):
     $Y_{i,c} = (P x^i_e(1))_c$ through the finite transformer, then `eigvalsh`."""
     solver = mf.DepthSolver(diffrax.Euler(), mf.FixedSteps(1), mf.DenseKernel())
     P = jnp.eye(tokens_q.dim) if readout is None else readout
+
+    @jax.jit
+    @jax.grad
+    def grad_y(params, i, c):
+        h = eqx.tree_at(lambda hh: hh.params, heads, params)
+        return (mf.flow(h, tokens_q, solver).x[i, -1] @ P.T)[c]
+
     rows = []
     for i in range(tokens_q.batch_size):
         for c in range(P.shape[0]):
-            def y(params, i=i, c=c):
-                h = eqx.tree_at(lambda hh: hh.params, heads, params)
-                return (mf.flow(h, tokens_q, solver).x[i, -1] @ P.T)[c]
-            g = jax.grad(y)(heads.params)
+            g = grad_y(heads.params, i, c)
             rows.append(np.concatenate([np.asarray(g[k]).ravel() for k in sorted(g)]))
     J = np.stack(rows)
     K = heads.num_layers * heads.num_heads * J @ J.T
