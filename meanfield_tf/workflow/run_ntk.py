@@ -90,8 +90,8 @@ def rate_line(rows: list[dict]) -> tuple[np.ndarray, np.ndarray, float] | None:
 
 
 def plot_run_ntk(path, run, rows) -> Path:
-    """`ntk.png`: λ_min and λ_max of the NTK (mean-field units) against training time τ, and
-    their ratio (the condition number) on a second axis."""
+    """`ntk.png`: λ_min and λ_max of the NTK (mean-field units) against training time τ, the
+    predicted slope at the first row in the title."""
     from .figures import _pyplot, _save
 
     plt = _pyplot()
