@@ -4,7 +4,8 @@
 checkpoint of a resumed one), place the state on the device mesh, then for every step draw the
 batch, take the jitted training step, check the loss, log, evaluate and checkpoint at the
 configured cadence; at the end draw the figures and summarise. The files are described in
-`rundir.py`.
+`rundir.py`. The optional `logging` section adds the readout NTK at step 0 and at every
+checkpoint (`run_ntk.py`) and a TensorBoard copy of every metrics row (`tensorboard.py`).
 
 Everything a run computes is a function of the config: the initial heads and the task data are
 rebuilt from the seed, and the batch of step k depends only on the PRNG key and k, so a run
@@ -223,8 +224,7 @@ class _Loop:
         done = step + 1
         if step % tc.log_every == 0 or done == tc.steps:
             self.log({"kind": "train", "step": step, "time": self.tau, "loss": loss,
-                                    "grad_norm": gnorm, "lr": lr, "learning_rate": base,
-                                    "wall_s": self.wall()})
+                      "grad_norm": gnorm, "lr": lr, "learning_rate": base, "wall_s": self.wall()})
         self.tau += lr  # training time after this step
         if bar is not None:
             bar.update(done, loss)
