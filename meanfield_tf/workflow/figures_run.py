@@ -56,6 +56,17 @@ def regression_baselines(batch, dim_x: int) -> dict[str, float]:
             "least squares": float(np.mean(0.5 * (pred - y) ** 2))}
 
 
+def _linear_map(x, xp, fp):
+    """`np.interp(x, xp, fp)` continued past both ends at the mean slope: the step axis of the
+    loss figure must stay invertible over the axis margins, where `np.interp` would be flat (a
+    decayed learning rate's last segment would stretch the margin over millions of steps)."""
+    x = np.asarray(x, float)
+    slope = (fp[-1] - fp[0]) / (xp[-1] - xp[0])
+    y = np.interp(x, xp, fp)
+    y = np.where(x < xp[0], fp[0] + slope * (x - xp[0]), y)
+    return np.where(x > xp[-1], fp[-1] + slope * (x - xp[-1]), y)
+
+
 def _draws_rate(run) -> bool:
     """Whether `loss.png` draws the NTK's predicted rate: a full-batch readout-query regression
     trained by plain gradient descent (`run_ntk.probe`)."""
@@ -114,8 +125,8 @@ def plot_run_loss(path, run, rows, baselines=None) -> Path:
     ax.set_title("training loss")
     ax.grid(True, which="both", alpha=0.3)
     if len(step) > 1 and np.all(np.diff(t_ext) > 0):
-        top = ax.secondary_xaxis("top", functions=(lambda t: np.interp(t, t_ext, s_ext),
-                                                   lambda s: np.interp(s, s_ext, t_ext)))
+        top = ax.secondary_xaxis("top", functions=(lambda t: _linear_map(t, t_ext, s_ext),
+                                                   lambda s: _linear_map(s, s_ext, t_ext)))
         top.set_xlabel("step")
     _clip_bottom(ax, loss[pos], baselines)
     ax.legend(fontsize=7, loc="best")
