@@ -60,11 +60,13 @@ from ._injectivity import lse_test as lse_test
 from ._injectivity import ntk_test as ntk_test
 from ._injectivity import zero_velocity_readout as zero_velocity_readout
 from ._ntk import NTKSpectrum as NTKSpectrum
+from ._ntk import QueryOutputs as QueryOutputs
 from ._ntk import ReadoutQuery as ReadoutQuery
 from ._ntk import TokenOutputs as TokenOutputs
 from ._ntk import ntk_blocks as ntk_blocks
 from ._ntk import ntk_gram as ntk_gram
 from ._ntk import ntk_jacobian as ntk_jacobian
+from ._ntk import predicted_slope as predicted_slope
 from ._pallas_kernel import PallasKernel as PallasKernel
 from ._precision import BF16 as BF16
 from ._precision import FLOAT32 as FLOAT32

@@ -18,6 +18,8 @@ Two outputs:
 - `ReadoutQuery(e)`: a zero-weight query token $e$ is appended to every sequence
   (`TokenBatch.append_query`); $Y_i \in \mathbb{R}^d$ is its final position ($B d$ outputs).
   This is the output the log-sum-exp injectivity criterion governs (see `_injectivity.py`).
+- `QueryOutputs(P)`: the final position of the query a batch already holds (its last token),
+  projected by $P$ ($B d_{out}$ outputs): the prediction of the readout-query risks.
 - `TokenOutputs()`: every final token, $Y_i \in \mathbb{R}^{n \times d}$ ($B n d$ outputs).
   Its NTK involves each sequence's features at its *own* tokens; the LSE criterion does not
   govern it.
@@ -74,7 +76,41 @@ class TokenOutputs(eqx.Module):
         return x
 
 
-Output = ReadoutQuery | TokenOutputs
+class QueryOutputs(eqx.Module):
+    """Output = final position of the query token a batch already holds (its last token, weight
+    0, e.g. a training batch of a readout-query task), projected by `readout` $P$ `(d_out, d)`
+    (`None`: the identity), shape `(B, d_out)`.
+
+    Unlike `ReadoutQuery` every sequence may have its own query (in-context regression appends
+    $(x_q, 0)$): $Y_i = P x^i_e(1)$ is the prediction `QueryRegression(y, readout=P)` scores.
+    """
+
+    readout: Float[Array, "e d"] | None = None
+
+    def prepare(self, tokens: TokenBatch) -> TokenBatch:
+        return tokens
+
+    def select(self, x: Float[Array, "B n d"]) -> Float[Array, "B e"]:
+        xe = x[:, -1, :]
+        return xe if self.readout is None else xe @ self.readout.T
+
+
+Output = ReadoutQuery | TokenOutputs | QueryOutputs
+
+
+def predicted_slope(lambda_min, num_sequences: int):
+    r"""The asymptotic slope of $\log R$ against training time predicted by the NTK:
+    $-2\lambda_{\min}(K)/N$.
+
+    For the readout-query risk $R = \frac1N\sum_i \tfrac12|Y_i - Y^*_i|^2$ under the mean-field
+    gradient flow, $\nabla_Y R = r/N$ and $dr/dt = -K r/N$ (`K` in mean-field units, as
+    `ntk_blocks` returns it), so $dR/dt = -r^\top K r/N^2 \le -2\lambda_{\min} R/N$: the loss
+    stays below $R(t_0)\, e^{-2\lambda_{\min}(t - t_0)/N}$ while $\lambda_{\min}(K_{\nu_t})$ stays
+    above $\lambda_{\min}$, and decays at that rate once the slowest mode dominates (lazy regime).
+    """
+    if num_sequences < 1:
+        raise InputError(f"num_sequences must be >= 1, got {num_sequences}")
+    return -2 * lambda_min / num_sequences
 
 
 class NTKSpectrum(eqx.Module):
@@ -124,6 +160,14 @@ def ntk_jacobian(
             f"the readout query e has shape {tuple(output.e.shape)} but tokens live in "
             f"d={tokens.dim}; give e of shape ({tokens.dim},)"
         )
+    if isinstance(output, QueryOutputs):
+        if float(np.asarray(tokens.w)[:, -1].max()) != 0.0:
+            raise InputError("QueryOutputs needs a batch whose last token is a query of weight 0 "
+                             "(tokens.append_query(e)); use ReadoutQuery(e) to append one")
+        if output.readout is not None and (output.readout.ndim != 2
+                                           or output.readout.shape[1] != tokens.dim):
+            raise InputError(f"the readout P has shape {tuple(output.readout.shape)}, expected "
+                             f"(d_out, {tokens.dim})")
     check_compatible(heads, tokens)
     return _jacobian(heads, tokens, output, solver)
 
@@ -174,8 +218,8 @@ def ntk_blocks(
     for each block $b$ of `heads.params` (`"A"`, `"V"`, or `"Q"`, `"K"`, `"V"`), and
     $K^{\mathrm{full}} = \sum_b K^b$.
 
-    **Arguments:** `heads`, `tokens` `(B, n, d)`, `output` (`ReadoutQuery(e)` or
-    `TokenOutputs()`), and the `DepthSolver` of the forward pass (default: the finite
+    **Arguments:** `heads`, `tokens` `(B, n, d)`, `output` (`ReadoutQuery(e)`,
+    `QueryOutputs(P)` or `TokenOutputs()`), and the `DepthSolver` of the forward pass (default: the finite
     transformer).
 
     **Returns:** a dict `{block: NTKSpectrum, ..., "full": NTKSpectrum}`; each Gram is

@@ -5,7 +5,8 @@
 Each config runs as committed (no overrides) into its own run directory under --out; the table
 gives, per config, the training loss from its first logged value to the mean over the last 10%
 of logged steps, the test metrics at the start and the end where the task has a test set, the
-distance W2,c travelled by the heads, and the wall time. A config that is not a training config
+distance W2,c travelled by the heads, λ_min of the readout NTK at the first and the last
+checkpoint where the config logs it (`logging.ntk`), and the wall time. A config that is not a training config
 (simulate, ntk) is skipped.
 """
 
@@ -21,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _row(name: str, cfg, s: dict, first_eval: dict) -> str:
+def _row(name: str, cfg, s: dict, first_eval: dict, ntk: list[dict]) -> str:
     steps = cfg.train.steps
     loss = f"loss {s['first_loss']:.2g} → {s['smoothed_loss']:.2g}"
     parts = [loss]
@@ -31,6 +32,8 @@ def _row(name: str, cfg, s: dict, first_eval: dict) -> str:
     elif "test_loss" in s:
         parts.append(f"test loss {first_eval['test_loss']:.2g} → {s['test_loss']:.2g}")
     parts.append(f"W2,c {s['w2']:.2g}")
+    if ntk:  # logging.ntk: the readout NTK at the first and the last checkpoint
+        parts.append(f"λ_min(K) {ntk[0]['lambda_min']:.2g} → {ntk[-1]['lambda_min']:.2g}")
     return (f"| `{name}.yaml` | {cfg.task.name} | {steps} | {'; '.join(parts)} | "
             f"{s['wall_s']:.0f} s |")
 
@@ -58,8 +61,10 @@ def main(argv=None) -> int:
             shutil.rmtree(out)
         print(f"running {path.name} ...", file=sys.stderr, flush=True)
         summary = train(cfg, out, progress=False)
-        first_eval = next(r for r in RunDir(out).read_metrics() if r.get("kind") == "eval")
-        rows.append(_row(path.stem, cfg, summary, first_eval))
+        metrics = RunDir(out).read_metrics()
+        first_eval = next(r for r in metrics if r.get("kind") == "eval")
+        ntk = sorted((r for r in metrics if r.get("kind") == "ntk"), key=lambda r: r["step"])
+        rows.append(_row(path.stem, cfg, summary, first_eval, ntk))
     day = datetime.date.today().isoformat()
     print(f"Results of the committed configs ({platform.machine()} CPU, {day}, "
           f"`python scripts/config_results.py`; loss: first logged → mean over the last 10% of "

@@ -184,5 +184,23 @@ def _worker(out_path: str) -> None:
     jax.distributed.shutdown()
 
 
+def test_quiet_native_stdout_keeps_python_output_and_standard_error():
+    """Native writes to file descriptor 1 (where gloo prints) are dropped; Python's prints and
+    everything on standard error (native errors included) still come through."""
+    code = ("import os, sys\n"
+            "from meanfield_tf.workflow.processes import quiet_native_stdout\n"
+            "print('before', flush=True)\n"
+            "quiet_native_stdout()\n"
+            "os.write(1, b'[Gloo] native chatter\\n')\n"
+            "print('python report')\n"
+            "os.write(2, b'native error\\n')\n"
+            "print('python error', file=sys.stderr)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "before\npython report\n"
+    assert out.stderr == "native error\npython error\n"
+
+
 if __name__ == "__main__":
     _worker(sys.argv[1])

@@ -81,7 +81,7 @@ def test_ntk_units_match_one_training_step():
     heads = mf.symmetric_heads(jax.random.PRNGKey(1), 2, 6, 2, dtype=jnp.float64)
     y = e[None] + 0.3 * jax.random.normal(jax.random.PRNGKey(2), (3, 2), jnp.float64)
     batch = mf.Batch(tokens_q, mf.QueryRegression(y))
-    K = np.asarray(ntk_spectrum(heads, tokens_q, e, kw).gram)
+    K = np.asarray(ntk_spectrum(heads, tokens_q, kw).gram)
     r = np.asarray(readout(heads, tokens_q, kw) - y).reshape(-1)
     tau = 1e-6
     traj = Trainer(kw).train(heads, batch, tau=tau, steps=1)

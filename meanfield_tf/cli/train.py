@@ -104,9 +104,13 @@ def _report(summary: dict, out=None) -> None:
 
 def _join(cfg) -> bool:
     """Join the multi-process run of `cfg.distributed` / the MEANFIELD_TF_* environment (if any)
-    before anything touches a device; True on the process that reports (process 0)."""
-    from ..workflow.processes import initialize_distributed
+    before anything touches a device; True on the process that reports (process 0). The
+    native libraries' standard output (gloo's connection chatter) is dropped on every process
+    of a multi-process run; standard error is untouched."""
+    from ..workflow.processes import initialize_distributed, quiet_native_stdout
 
+    if cfg.distributed.resolve().enabled:
+        quiet_native_stdout()
     return initialize_distributed(cfg.distributed).is_main
 
 

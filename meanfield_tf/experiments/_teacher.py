@@ -55,11 +55,10 @@ def generic_sequences(key, num_sequences: int, num_tokens: int, dim: int, spread
     return mf.TokenBatch(x)
 
 
-def ntk_spectrum(heads: mf.HeadMeasure, tokens_q: mf.TokenBatch, e, solve_kwargs: dict):
+def ntk_spectrum(heads: mf.HeadMeasure, tokens_q: mf.TokenBatch, solve_kwargs: dict):
     """The full readout-query NTK (mean-field units) of `heads` on `tokens_q` (query appended by
-    the caller; the NTK output appends no second query: it reads the last token)."""
-    tokens = mf.TokenBatch(tokens_q.x[:, :-1], tokens_q.w[:, :-1], check=False)
-    return mf.ntk_blocks(heads, tokens, output=mf.ReadoutQuery(e), **solve_kwargs)["full"]
+    the caller: `QueryOutputs` reads the last token)."""
+    return mf.ntk_blocks(heads, tokens_q, output=mf.QueryOutputs(), **solve_kwargs)["full"]
 
 
 def readout(heads: mf.HeadMeasure, tokens_q: mf.TokenBatch, solve_kwargs: dict):

@@ -183,8 +183,9 @@ def _one_seed(cfg: Config, s: int, trainer: Trainer, progress) -> dict:
     cert = _certificate(tokens, kcert)
     tokens_q = tokens.append_query(e)
     heads0 = mf.symmetric_heads(kh, L, M, _DIM, dtype=jnp.float64)
-    K0 = ntk_spectrum(heads0, tokens_q, e, kw)
+    K0 = ntk_spectrum(heads0, tokens_q, kw)
     lmin, lmax = float(K0.lambda_min), float(K0.lambda_max)
+    slope = mf.predicted_slope(lmin, N)
     tau = cfg.step_fraction * N / lmax
     T = cfg.horizon * N / lmin
     steps = math.ceil(T / tau)
@@ -203,7 +204,7 @@ def _one_seed(cfg: Config, s: int, trainer: Trainer, progress) -> dict:
         snap_t, snap_lmin, snap_w2 = [], [], []
         for k, h in sorted(traj.snapshots.items()):
             snap_t.append(k * tau)
-            snap_lmin.append(float(ntk_spectrum(h, tokens_q, e, kw).lambda_min))
+            snap_lmin.append(float(ntk_spectrum(h, tokens_q, kw).lambda_min))
             snap_w2.append(trainer.w2c(h, heads0))
         r0 = float(traj.loss[0])
         lin = _linearised_loss(np.asarray(K0.gram),
@@ -211,17 +212,17 @@ def _one_seed(cfg: Config, s: int, trainer: Trainer, progress) -> dict:
                                tau, steps)
         runs.append({
             "epsilon": eps, "lambda_min": lmin, "lambda_max": lmax,
-            "predicted_slope": -2 * lmin / N, "late_slope": late_slope(traj.t, traj.loss),
+            "predicted_slope": slope, "late_slope": late_slope(traj.t, traj.loss),
             "initial_loss": r0, "final_loss": float(traj.loss[-1]), "w2c": snap_w2[-1],
             "w2c_bound": math.sqrt(2 * N * r0 / lmin), "path_length": traj.path_length,
             "lambda_min_end": snap_lmin[-1],
             "linearised_late_slope": late_slope(traj.t, lin),
-            "slope_ratio": late_slope(traj.t, traj.loss) / (-2 * lmin / N),
+            "slope_ratio": late_slope(traj.t, traj.loss) / slope,
             "curve": {"t": traj.t.tolist(), "loss": traj.loss.tolist()},
             "snapshots": {"t": snap_t, "lambda_min": snap_lmin, "w2c": snap_w2},
         })
         progress(f"seed {s} eps {eps:g}: R {r0:.2e} -> {traj.loss[-1]:.2e}, late slope "
-                 f"{runs[-1]['late_slope']:.4g} (predicted {-2 * lmin / N:.4g})")
+                 f"{runs[-1]['late_slope']:.4g} (predicted {slope:.4g})")
     control = _control(cfg, kc, kd, runs[int(np.argmin(cfg.epsilons))]["initial_loss"], T, s,
                        trainer, progress)
     return {"cert": cert, "runs": runs, "control": control, "tau": tau, "T": T, "steps": steps}
@@ -253,7 +254,7 @@ def _control(cfg: Config, key, key_delta, initial_loss: float, T: float, s: int,
     cert = _certificate(tokens, kcert)
     tokens_q = tokens.append_query(e)
     heads0 = mf.symmetric_heads(kh, cfg.num_layers, cfg.num_heads, _DIM, dtype=jnp.float64)
-    K0 = ntk_spectrum(heads0, tokens_q, e, kw)
+    K0 = ntk_spectrum(heads0, tokens_q, kw)
     lmax = float(K0.lambda_max)
     evals, evecs = np.linalg.eigh(np.asarray(K0.gram))
     null = evecs[:, evals <= 1e-12 * lmax]           # (N d, k): ker K0
@@ -272,7 +273,7 @@ def _control(cfg: Config, key, key_delta, initial_loss: float, T: float, s: int,
         pr = null.T @ r
         trace.append({"t": k * tau, "loss": float(traj.loss[k]),
                       "kernel_residual": float(pr @ pr / (2 * N)),
-                      "lambda_min": float(ntk_spectrum(h, tokens_q, e, kw).lambda_min)})
+                      "lambda_min": float(ntk_spectrum(h, tokens_q, kw).lambda_min)})
     progress(f"seed {s} control: R {traj.loss[0]:.2e} -> {traj.loss[-1]:.2e}, kernel part "
              f"{trace[0]['kernel_residual']:.2e} -> {trace[-1]['kernel_residual']:.2e}")
     return {"cert": cert, "initial_loss": float(traj.loss[0]), "final_loss": float(traj.loss[-1]),

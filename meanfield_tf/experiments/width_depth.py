@@ -132,7 +132,7 @@ def run(cfg: Config, out: Path, progress: Callable[[str], None]) -> dict:
     def heads_of(L, M, s):
         return mf.symmetric_heads(jax.random.fold_in(kh, s), L, M, _DIM, dtype=jnp.float64)
 
-    spectra = {(L, M, s): ntk_spectrum(heads_of(L, M, s), tokens_q, e, kw)
+    spectra = {(L, M, s): ntk_spectrum(heads_of(L, M, s), tokens_q, kw)
                for L, M in sizes for s in range(cfg.seeds)}
     lmax_all = max(float(k.lambda_max) for k in spectra.values())
     tau = cfg.step_fraction * N / lmax_all

@@ -12,6 +12,9 @@
   trained heads, sequences titled by family, the readout query starred, the targets drawn.
 - digits: `confusion.png` (test-set confusion matrix) and `predictions.png` (test images with
   the predicted and true class).
+- with `logging.ntk: true`: `ntk.png` (λ_min and λ_max of the readout NTK against τ, see
+  `run_ntk.py`), and on `loss.png` of a full-batch run trained by plain gradient descent the
+  predicted-rate line log R(τ₀) − 2 λ_min(K₀)(τ − τ₀)/N.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import numpy as np
 from .._tasks import Digits, DistributionMatching, InContextRegression, TeacherStudent
 from .._training import layer_particles
 from .figures import _pyplot, _save, plot_trajectories
+from .run_ntk import plot_run_ntk, probe, rate_line
 
 
 def _columns(rows, kind, *keys):
@@ -50,6 +54,24 @@ def regression_baselines(batch, dim_x: int) -> dict[str, float]:
     pred = np.array([xq[b] @ np.linalg.lstsq(X[b], Y[b], rcond=None)[0] for b in range(len(y))])
     return {"zero predictor": float(np.mean(0.5 * y ** 2)),
             "least squares": float(np.mean(0.5 * (pred - y) ** 2))}
+
+
+def _linear_map(x, xp, fp):
+    """`np.interp(x, xp, fp)` continued past both ends at the mean slope: the step axis of the
+    loss figure must stay invertible over the axis margins, where `np.interp` would be flat (a
+    decayed learning rate's last segment would stretch the margin over millions of steps)."""
+    x = np.asarray(x, float)
+    slope = (fp[-1] - fp[0]) / (xp[-1] - xp[0])
+    y = np.interp(x, xp, fp)
+    y = np.where(x < xp[0], fp[0] + slope * (x - xp[0]), y)
+    return np.where(x > xp[-1], fp[-1] + slope * (x - xp[-1]), y)
+
+
+def _draws_rate(run) -> bool:
+    """Whether `loss.png` draws the NTK's predicted rate: a full-batch readout-query regression
+    trained by plain gradient descent (`run_ntk.probe`)."""
+    ntk, _ = probe(run)
+    return ntk is not None and ntk.draw_rate
 
 
 def _clip_bottom(ax, values, baselines) -> None:
@@ -94,13 +116,17 @@ def plot_run_loss(path, run, rows, baselines=None) -> Path:
         for a in axes[:2 if has_test else 1]:
             a.axhline(max(v, 1e-300), color=f"C{j + 4}", ls=":", lw=1.2,
                       label=f"{name} (test set): {v:.3g}")
+    line = rate_line(rows) if _draws_rate(run) else None
+    if line is not None:
+        ax.semilogy(line[0], line[1], "--", lw=1.2, color="C7",
+                    label=f"NTK rate: log R(τ₀) − 2λ_min(K₀)(τ − τ₀)/N, slope {line[2]:.3g}")
     ax.set_xlabel("training time τ = Σ lr")
     ax.set_ylabel(f"training loss: {risk_label(run)}")
     ax.set_title("training loss")
     ax.grid(True, which="both", alpha=0.3)
     if len(step) > 1 and np.all(np.diff(t_ext) > 0):
-        top = ax.secondary_xaxis("top", functions=(lambda t: np.interp(t, t_ext, s_ext),
-                                                   lambda s: np.interp(s, s_ext, t_ext)))
+        top = ax.secondary_xaxis("top", functions=(lambda t: _linear_map(t, t_ext, s_ext),
+                                                   lambda s: _linear_map(s, s_ext, t_ext)))
         top.set_xlabel("step")
     _clip_bottom(ax, loss[pos], baselines)
     ax.legend(fontsize=7, loc="best")
@@ -278,4 +304,6 @@ def write_run_figures(rd, run, heads) -> list[Path]:
             title=f"token trajectories through the {name} heads"))
     if isinstance(run.task, Digits):
         paths += plot_digits(rd, run, heads)
+    if any(r.get("kind") == "ntk" for r in rows):
+        paths.append(plot_run_ntk(rd.figure_dir / "ntk.png", run, rows))
     return paths

@@ -99,6 +99,31 @@ def initialize_distributed(config: DistributedConfig | None = None, *,
     return process_info()
 
 
+def quiet_native_stdout() -> None:
+    """Send what native code writes to standard output to /dev/null, keeping Python's
+    `sys.stdout` on the terminal: call it before joining a multi-process run.
+
+    On CPU, gloo (the cross-process collectives) prints `[Gloo] Rank r is connected to 1 peer
+    ranks...` to the C++ standard output of every process, several times, through the run's
+    own report. This points file descriptor 1 at /dev/null and reopens `sys.stdout` on a
+    duplicate of the original one, so Python's prints (the command's report) still reach the
+    terminal. Standard error is left as it is: Python errors, tracebacks, and the native
+    libraries' warnings and fatal errors all still reach the user.
+    """
+    import os
+    import sys
+
+    sys.stdout.flush()
+    keep = os.dup(1)
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.close(null)
+    old = sys.stdout
+    sys.stdout = open(keep, "w", encoding=getattr(old, "encoding", None) or "utf-8",
+                      errors=getattr(old, "errors", None) or "strict",
+                      buffering=1 if getattr(old, "line_buffering", True) else -1)
+
+
 def _wait_for_coordinator(address: str, timeout_s: float) -> None:
     """Wait until process 0's coordinator accepts connections; `ConfigError` naming the
     address after `timeout_s` (JAX itself would abort the process with a C++ stack trace)."""

@@ -3,8 +3,9 @@
 `load_run(path)` reads a run directory written by `meanfield-tf train` and returns a `RunResults`:
 
 - `config`: the resolved `TrainConfig` (every default spelled out);
-- `train`, `eval`, `w2`: the metrics rows of each kind as columns, `{name: np.ndarray}` (one entry
-  per row; `nan` where a row lacks the column; `w2_layers` is `(rows, N)`);
+- `train`, `eval`, `w2`, `ntk`: the metrics rows of each kind as columns, `{name: np.ndarray}`
+  (one entry per row; `nan` where a row lacks the column; `w2_layers` is `(rows, N)`; `ntk` is
+  empty unless the run had `logging.ntk: true`);
 - `steps`: the steps with a checkpoint on disk (0, the initial heads, is always available);
 - `heads(step=None)`: the head measure at a kept checkpoint (default: the newest intact one),
   checksum verified.
@@ -64,6 +65,7 @@ class RunResults:
         self.train = _columns([r for r in rows if r.get("kind") == "train"])
         self.eval = _columns([r for r in rows if r.get("kind") == "eval"])
         self.w2 = _columns([r for r in rows if r.get("kind") == "w2"])
+        self.ntk = _columns([r for r in rows if r.get("kind") == "ntk"])
         self._run = None
 
     def __repr__(self) -> str:
@@ -72,8 +74,8 @@ class RunResults:
 
     @property
     def metrics(self) -> dict[str, dict[str, np.ndarray]]:
-        """`{"train": columns, "eval": columns, "w2": columns}`."""
-        return {"train": self.train, "eval": self.eval, "w2": self.w2}
+        """`{"train": columns, "eval": columns, "w2": columns, "ntk": columns}`."""
+        return {"train": self.train, "eval": self.eval, "w2": self.w2, "ntk": self.ntk}
 
     @property
     def steps(self) -> list[int]:

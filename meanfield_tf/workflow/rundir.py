@@ -11,7 +11,10 @@ A run directory holds
   rate of the config), `wall_s`. `"kind": "eval"` rows (every `eval_every` steps and at the end): `w2` (the conditional
   Wasserstein distance W_{2,c} of the heads from their initial measure) and `w2_layers`, test
   metrics (`test_loss`, `test_accuracy` for classification), `wall_s`. `"kind": "w2"` rows
-  (every `w2_every` steps between evaluations): `step`, `time` (τ after those steps), `w2`;
+  (every `w2_every` steps between evaluations): `step`, `time` (τ after those steps), `w2`.
+  With `logging.ntk: true`, `"kind": "ntk"` rows at step 0 and every checkpoint: `time`,
+  `lambda_min`, `lambda_max` (the readout NTK in mean-field units), `predicted_slope`
+  (-2 lambda_min / N), `num_sequences` (N), `wall_s` (see `run_ntk.py`);
 - `checkpoints/step_XXXXXXXX.eqx`: the training state (step, head particles, optimiser state,
   PRNG key), written atomically (temporary file + rename), the last `keep_checkpoints` kept,
   each with its SHA-256 in `step_XXXXXXXX.eqx.sha256` (written first), verified on load: a
@@ -19,7 +22,9 @@ A run directory holds
 - `.lock`: held (an OS file lock, released when the process ends, even by SIGKILL) by the one
   process that writes the directory: a second `train`/`resume` on it is refused;
 - `figures/*.png`: see `figures_run.py` (loss against training time, W2,c, test metrics, every
-  layer's particles, token trajectories with their targets; digits: confusion matrix).
+  layer's particles, token trajectories with their targets; digits: confusion matrix);
+- `tensorboard/` (with `logging.tensorboard: true`): the metrics as TensorBoard scalars
+  (`tensorboard.py`); `metrics.jsonl` stays the record.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@
 checkpoint of a resumed one), place the state on the device mesh, then for every step draw the
 batch, take the jitted training step, check the loss, log, evaluate and checkpoint at the
 configured cadence; at the end draw the figures and summarise. The files are described in
-`rundir.py`.
+`rundir.py`. The optional `logging` section adds the readout NTK at step 0 and at every
+checkpoint (`run_ntk.py`) and a TensorBoard copy of every metrics row (`tensorboard.py`).
 
 Everything a run computes is a function of the config: the initial heads and the task data are
 rebuilt from the seed, and the batch of step k depends only on the PRNG key and k, so a run
@@ -30,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._errors import InputError, SolverError
+from .._errors import ConfigError, InputError, SolverError
 from .._flow import flow
 from .._sharding import gather_to_host
 from .._training import TrainingDiverged, TrainStep, set_learning_rate
@@ -43,6 +44,8 @@ from .files import atomic_write
 from .processes import agree, barrier, run_mesh, shard_run_batch, shard_state
 from .progress import Progress
 from .rundir import RunDir
+from .run_ntk import probe
+from .tensorboard import TensorBoardLog, missing_extra
 
 
 def train(cfg: TrainConfig, out, *, resume: bool = False, argv: list[str] | None = None,
@@ -65,8 +68,12 @@ def train(cfg: TrainConfig, out, *, resume: bool = False, argv: list[str] | None
         problem = _not_a_new_run(rd) if main else None
         if agree(problem is not None):  # process 0's verdict, so that every process stops together
             raise InputError(problem or f"run directory {str(rd.path)!r} cannot take a new run")
+    missing = missing_extra() if main and cfg.logging.tensorboard else None
+    if agree(missing is not None):
+        raise ConfigError(missing or "logging.tensorboard: tensorboardX is missing on process 0")
     if main:
         rd.lock()  # before anything slow: a second writer is refused at once
+    loop = None
     try:
         previous_config = rd.config_path.read_bytes() if resume and main and rd.is_run() else None
         run = build.run(cfg)
@@ -79,6 +86,8 @@ def train(cfg: TrainConfig, out, *, resume: bool = False, argv: list[str] | None
             _draw(rd, run, final_heads)
         barrier("end")  # the run directory is complete before any process returns
     finally:
+        if loop is not None and loop.tensorboard is not None:
+            loop.tensorboard.close()
         rd.unlock()
     summary = summarize(rd)
     summary["traces"] = TrainStep.num_traces() - traces_before
@@ -171,10 +180,30 @@ class _Loop:
         self.pending: TrainState | None = None  # a checkpoint waiting for its loss to be checked
         ckpts = rd.checkpoints()
         self.last_ckpt = ckpts[-1][0] if ckpts else None
+        self.tensorboard = TensorBoardLog(rd.path) if main and run.cfg.logging.tensorboard else None
+        self.ntk = None
+        if run.cfg.logging.ntk:
+            self.ntk, why = probe(run)
+            if why and main:
+                print(f"note: {why}", file=sys.stderr)
         if self.start == 0:
             row = {"kind": "eval", "step": 0, **evaluate(run, self.heads), "wall_s": 0.0}
-            if main:
-                rd.append_metrics(row)
+            self.log(row)
+            self._log_ntk(0, run.heads0)
+
+    def log(self, row: dict) -> None:
+        """Append a metrics row (process 0 only), and copy it to TensorBoard when asked."""
+        if self.main:
+            self.rd.append_metrics(row)
+            if self.tensorboard is not None:
+                self.tensorboard.write(row)
+
+    def _log_ntk(self, step: int, host_heads) -> None:
+        """The NTK row at `step` (`logging.ntk`), from a host copy of the heads: process 0 only,
+        not a collective."""
+        if self.ntk is not None and self.main:
+            self.log({"kind": "ntk", "step": step, "time": self.tau,
+                      **self.ntk.measure(host_heads), "wall_s": self.wall()})
 
     def wall(self) -> float:
         return round(self.prior_wall + time.perf_counter() - self.t_wall, 4)
@@ -193,23 +222,20 @@ class _Loop:
         base = float(self.opt_state.hyperparams["learning_rate"])
         lr = base * self.run.optimizer.factor(step)  # the step actually taken (schedule applied)
         done = step + 1
-        if self.main and (step % tc.log_every == 0 or done == tc.steps):
-            self.rd.append_metrics({"kind": "train", "step": step, "time": self.tau, "loss": loss,
-                                    "grad_norm": gnorm, "lr": lr, "learning_rate": base,
-                                    "wall_s": self.wall()})
+        if step % tc.log_every == 0 or done == tc.steps:
+            self.log({"kind": "train", "step": step, "time": self.tau, "loss": loss,
+                      "grad_norm": gnorm, "lr": lr, "learning_rate": base, "wall_s": self.wall()})
         self.tau += lr  # training time after this step
         if bar is not None:
             bar.update(done, loss)
         if done % tc.eval_every == 0 or done == tc.steps:
             row = {"kind": "eval", "step": done, **evaluate(self.run, self.heads)}  # collective
-            if self.main:
-                self.rd.append_metrics({**row, "wall_s": self.wall()})
+            self.log({**row, "wall_s": self.wall()})
         elif done % tc.w2_every == 0:  # the distance travelled, more often than evaluations
             row = {"w2": distance_travelled(self.run, self.heads)}  # collective
             if self.heads.has_units:
                 row["w2_units"] = distance_travelled(self.run, self.heads, units=True)
-            if self.main:
-                self.rd.append_metrics({"kind": "w2", "step": done, "time": self.tau, **row})
+            self.log({"kind": "w2", "step": done, "time": self.tau, **row})
         if done % tc.checkpoint_every == 0 or done == tc.steps:
             self._hold_checkpoint(done)
 
@@ -259,6 +285,7 @@ class _Loop:
                 f"checkpoint (step {self.last_ckpt}) is in {self.rd.checkpoint_dir}; lower "
                 f"train.learning_rate")
         self.pending = host
+        self._log_ntk(done, host.heads)
 
     def _write_pending(self) -> None:
         if self.pending is None:

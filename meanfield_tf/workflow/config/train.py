@@ -7,6 +7,7 @@ A training config has the sections
 - `heads`, `solver`: the initial head measure and the depth solver (shared with `simulate`);
 - `train`: the gradient flow (steps, learning rate, optimiser, schedule) and the run's cadence
   (logging, evaluation, checkpoints);
+- `logging` (optional): the NTK at checkpoints and a TensorBoard copy of the metrics;
 - `mesh`, `distributed` (optional): sharding over devices, and how this process joins a
   multi-process (multi-host) run (see `docs/scaling.md`).
 
@@ -243,6 +244,24 @@ class TrainSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoggingSection:
+    """What a run records beyond the metrics every run writes (see `docs/reliability.md`).
+
+    `ntk`: the extreme eigenvalues of the NTK Gram (mean-field units) of the readout-query
+    outputs at step 0 and at every checkpoint, as `"kind": "ntk"` rows of `metrics.jsonl`
+    (`lambda_min`, `lambda_max`, `predicted_slope` = -2 lambda_min / N), drawn in `ntk.png` and as
+    a predicted-rate line in `loss.png`. It applies to the readout-query regression tasks
+    (teacher_student with `readout: query`, in_context_regression); other tasks skip it with a
+    note. One Jacobian of B · d_out outputs per checkpoint: off by default.
+    `tensorboard`: write the same scalars into `RUN/tensorboard/` (needs tensorboardX: `pip
+    install 'meanfield-tf[tensorboard]'`); `metrics.jsonl` stays the record.
+    """
+
+    ntk: bool = False
+    tensorboard: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """`meanfield-tf train --config`: the whole run. `name` names the run directory
     (default: the config file's stem)."""
@@ -256,6 +275,7 @@ class TrainConfig:
     )
     solver: SolverConfig = dataclasses.field(default_factory=SolverConfig)
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
+    logging: LoggingSection = dataclasses.field(default_factory=LoggingSection)
     # sharding over devices: `mesh: {heads: H, data: D}` (see docs/scaling.md)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     # joining a multi-process run (jax.distributed; see docs/scaling.md)
@@ -320,7 +340,7 @@ def train_config_from_dict(data: dict) -> TrainConfig:
 CONTINUATION = ("train.steps", "train.learning_rate", "train.schedule", "train.warmup_steps",
                 "train.decay_rate", "train.log_every", "train.w2_every", "train.eval_every",
                 "train.checkpoint_every", "train.keep_checkpoints", "train.divergence_factor",
-                "mesh.", "distributed.")
+                "logging.", "mesh.", "distributed.")
 
 
 def _leaves(data, prefix=""):
