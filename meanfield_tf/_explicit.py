@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from ._adjoint import adjoint_and_gradient
+from ._errors import InputError
 from ._euler_adjoint import chunked_adjoint_and_gradient
 from ._depth import CellArgs, cells, integrate_depth, solve_cell
 from ._flow import AttentionField
@@ -44,6 +45,14 @@ class Explicit(AbstractGradientMethod):
     """
 
     nonlocal_term: bool = eqx.field(static=True, default=True)
+
+    def check(self, solver):
+        if not solver.kernel.plain_softmax():
+            raise InputError(
+                f"the explicit method's closed forms are those of plain softmax attention; the "
+                f"{type(solver.kernel).__name__} kernel computes another rule (causal mask, L2 or "
+                f"Sinkhorn): use the autodiff method (Autodiff(), --method autodiff), which "
+                f"differentiates the kernel itself")
 
     def risk_and_gradient(self, heads, tokens, risk, solver):
         sol = _explicit(heads, tokens, risk, solver, self.nonlocal_term)
