@@ -39,7 +39,7 @@ from jaxtyping import Array, Float
 
 from ._errors import InputError
 from ._flash import _forward, flash_attention
-from ._score_rows import over_heads, softmax_means
+from ._score_rows import softmax_means
 from ._tokens import log_weights
 
 
@@ -131,7 +131,7 @@ class DenseKernel(AbstractKernel):
         V: Float[Array, "M d d"],
     ) -> Float[Array, "n d"]:
         if self.causal:
-            return _causal(x, w, A, V, None, False)
+            return _causal(x, w, A, V, None)
         xa = jnp.einsum("nd,mde->mne", x, A)
         scores = jnp.einsum("mne,ke->mnk", xa, x) + log_weights(w)
         p = jax.nn.softmax(scores, axis=-1)
@@ -190,7 +190,7 @@ class ChunkedKernel(AbstractKernel):
         V: Float[Array, "M d d"],
     ) -> Float[Array, "n d"]:
         if self.causal:
-            return _causal(x, w, A, V, self.chunk_size, True)
+            return _causal(x, w, A, V, self.chunk_size)
         if self.custom_vjp:
             return flash_attention(x, w, A, V, self.chunk_size, self.block_rows)
         return _forward(x, w, A, V, self.chunk_size, self.block_rows)[0]
@@ -201,12 +201,12 @@ class ChunkedKernel(AbstractKernel):
         return jax.lax.map(lambda xw: self(xw[0], xw[1], A, V), (x, w))
 
 
-def _causal(x, w, A, V, block, sequential):
+def _causal(x, w, A, V, block):
     """Causal softmax attention of one sequence (`meanfield_tf._score_rows`)."""
-    z = jnp.einsum("nd,mde->mne", x, A)
-    lw = log_weights(w)
-    y = over_heads(lambda zm: softmax_means(zm, x, lw, causal=True, block=block), sequential, z)
-    return jnp.einsum("med,mnd->ne", V, y) / A.shape[0]
+    z = jnp.einsum("nd,mde->nme", x, A)
+    lw = jnp.broadcast_to(log_weights(w), (A.shape[0], x.shape[0]))
+    y = softmax_means(z, x, lw, causal=True, block=block)
+    return jnp.einsum("med,nmd->ne", V, y) / A.shape[0]
 
 
 def attention_velocity(

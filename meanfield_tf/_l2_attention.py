@@ -36,23 +36,22 @@ from jaxtyping import Array, Float
 
 from ._attention import AbstractKernel
 from ._errors import InputError, concrete_or_none
-from ._score_rows import over_heads, softmax_means
+from ._score_rows import softmax_means
 from ._tokens import log_weights
 
 
 def _l2_rows(x, w, A):
-    """Per head: queries `2 Ã x_i` `(M, n, d)` and key biases `log w_j - x_jᵀ Ã x_j` `(M, n)`."""
+    """Per head: queries `2 Ã x_i` `(n, M, d)` and key biases `log w_j - x_jᵀ Ã x_j` `(M, n)`."""
     sym = (A + jnp.swapaxes(A, -1, -2)) / 2
-    z = 2 * jnp.einsum("nd,mde->mne", x, sym)
+    z = 2 * jnp.einsum("nd,mde->nme", x, sym)
     bias = log_weights(w)[None, :] - jnp.einsum("nd,mde,ne->mn", x, sym, x)
     return z, bias
 
 
-def _l2_velocity(x, w, A, V, causal, block, sequential):
+def _l2_velocity(x, w, A, V, causal, block):
     z, bias = _l2_rows(x, w, A)
-    y = over_heads(lambda zm, bm: softmax_means(zm, x, bm, causal=causal, block=block),
-                   sequential, z, bias)
-    return jnp.einsum("med,mnd->ne", V, y) / A.shape[0]
+    y = softmax_means(z, x, bias, causal=causal, block=block)
+    return jnp.einsum("med,nmd->ne", V, y) / A.shape[0]
 
 
 class L2Kernel(AbstractKernel):
@@ -70,15 +69,15 @@ class L2Kernel(AbstractKernel):
         A: Float[Array, "M d d"],
         V: Float[Array, "M d d"],
     ) -> Float[Array, "n d"]:
-        return _l2_velocity(x, w, A, V, self.causal, None, False)
+        return _l2_velocity(x, w, A, V, self.causal, None)
 
     def gaussian_velocity(self, A, V, mean, cov):
         return _l2_gaussian(self, A, V, mean, cov)
 
 
 class ChunkedL2Kernel(AbstractKernel):
-    """Memory-linear L2 attention: heads one at a time, query rows in blocks of `chunk_size`
-    against all keys, each block rematerialised in the backward pass (largest temporary one
+    """Memory-linear L2 attention: query rows in blocks of `chunk_size` against all keys, heads
+    one at a time inside a block, each block and head rematerialised in the backward pass (largest temporary one
     `(chunk_size, n)` score block, forward and gradient). Gradients by JAX.
 
     **Fields:** `chunk_size` (default 256; need not divide `n`), `causal` (default `False`).
@@ -99,7 +98,7 @@ class ChunkedL2Kernel(AbstractKernel):
         A: Float[Array, "M d d"],
         V: Float[Array, "M d d"],
     ) -> Float[Array, "n d"]:
-        return _l2_velocity(x, w, A, V, self.causal, self.chunk_size, True)
+        return _l2_velocity(x, w, A, V, self.causal, self.chunk_size)
 
     def velocity(self, x, w, A, V):
         """Streams over the sequences (`lax.map`): temporaries of one sequence at a time."""

@@ -11,10 +11,13 @@ $\log w_j$ (`-inf` at padding) plus whatever the rule adds. A row with no admiss
 `-inf`: e.g. a causal row whose keys so far are all padding) gets $\ell_i = -\infty$ and
 $y_i = 0$.
 
-`block=None` forms the `(r, n)` scores at once. `block=c` processes the rows `c` at a time
-(`lax.map`), each block against all `n` keys, and rematerialises every block in the backward pass
-(`jax.checkpoint`): the largest temporary is one `(c, n)` score block, forward and gradient —
-memory linear in `n`. Gradients are JAX's (exact: the row maximum is held constant, which leaves
+Rows come per head: queries `(n, M, d)`, biases `(M, n)`. `block=None` forms all `(M, n, n)`
+scores at once. `block=c` processes the rows `c` at a time (`lax.map`), each block against all
+`n` keys and the heads one at a time inside a block, and rematerialises every block and every
+head in the backward pass (`jax.checkpoint`): the largest temporary is one `(c, n)` score block,
+forward and gradient — memory linear in `n`. (Heads inside the blocks, not around them: what a
+block computes from the row indices alone, the causal mask, is then not hoisted out of a loop
+over the heads into an `(n, n)` array.) Gradients are JAX's (exact: the row maximum is held constant, which leaves
 the softmax unchanged).
 """
 
@@ -53,44 +56,58 @@ def _row_map(fn, n: int, block: int | None, *rows):
     return jax.tree.map(lambda o: o.reshape((-1,) + o.shape[2:])[:n], out)
 
 
+def _per_head(row_fn, causal: bool, sequential: bool):
+    """`(rows, z (r, M, d), bias (M, n)) -> (r, M, ...)`: `row_fn(scores (r, n))` for every head,
+    the heads one at a time (`lax.map`, each rematerialised) or all at once (`vmap`)."""
+
+    def fn(rows, zb, x, bias):
+        def head(zm, bm):
+            return row_fn(_scores(zm, x, bm, rows, causal), x)
+
+        if sequential:
+            out = jax.lax.map(jax.checkpoint(lambda a: head(*a)), (jnp.swapaxes(zb, 0, 1), bias))
+        else:
+            out = jax.vmap(head)(jnp.swapaxes(zb, 0, 1), bias)
+        return jnp.swapaxes(out, 0, 1)
+
+    return fn
+
+
+def _means(s, x):
+    p, _ = _shifted(s)
+    total = p.sum(axis=-1)
+    return (p @ x) / jnp.where(total > 0, total, 1)[:, None]
+
+
+def _lse(s, x):
+    p, c = _shifted(s)
+    return c + jnp.log(p.sum(axis=-1))
+
+
 def softmax_means(
-    z: Float[Array, "n d"],
+    z: Float[Array, "n M d"],
     x: Float[Array, "n d"],
-    bias: Float[Array, " n"],
+    bias: Float[Array, "M n"],
     *,
     causal: bool = False,
     block: int | None = None,
-) -> Float[Array, "n d"]:
-    """The softmax-weighted key means $y_i$ `(n, d)` of the rows $z_i$ (module docstring)."""
-
-    def fn(rows, zb):
-        p, _ = _shifted(_scores(zb, x, bias, rows, causal))
-        total = p.sum(axis=-1)
-        return (p @ x) / jnp.where(total > 0, total, 1)[:, None]
-
-    return _row_map(fn, x.shape[0], block, z)
+) -> Float[Array, "n M d"]:
+    """The softmax-weighted key means $y_{mi}$ `(n, M, d)` of the rows $z_{mi}$ of every head
+    `m` (module docstring). `block=None`: all heads at once, `(M, n, n)` scores; `block=c`: row
+    blocks of `c`, the heads one at a time inside each block (one `(c, n)` score block alive)."""
+    fn = _per_head(_means, causal, block is not None)
+    return _row_map(lambda rows, zb: fn(rows, zb, x, bias), x.shape[0], block, z)
 
 
 def log_normalisers(
-    z: Float[Array, "n d"],
+    z: Float[Array, "n M d"],
     x: Float[Array, "n d"],
-    bias: Float[Array, " n"],
+    bias: Float[Array, "M n"],
     *,
     causal: bool = False,
     block: int | None = None,
-) -> Float[Array, " n"]:
-    r"""The row log-sum-exps $\ell_i$ `(n,)` of the rows $z_i$ (module docstring)."""
-
-    def fn(rows, zb):
-        p, c = _shifted(_scores(zb, x, bias, rows, causal))
-        return c + jnp.log(p.sum(axis=-1))
-
-    return _row_map(fn, x.shape[0], block, z)
-
-
-def over_heads(fn, sequential: bool, *per_head):
-    """`fn` applied to every head's slice of `per_head` (leading axis `M`): `vmap` (all heads at
-    once) or `lax.map` (one head at a time: temporaries of one head only)."""
-    if sequential:
-        return jax.lax.map(lambda a: fn(*a), per_head)
-    return jax.vmap(fn)(*per_head)
+) -> Float[Array, "n M"]:
+    r"""The row log-sum-exps $\ell_{mi}$ `(n, M)` of the rows $z_{mi}$ of every head (as
+    `softmax_means`)."""
+    fn = _per_head(_lse, causal, block is not None)
+    return _row_map(lambda rows, zb: fn(rows, zb, x, bias), x.shape[0], block, z)

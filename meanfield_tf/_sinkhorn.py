@@ -39,7 +39,7 @@ from jaxtyping import Array, Float
 
 from ._attention import AbstractKernel
 from ._errors import InputError
-from ._score_rows import log_normalisers, over_heads, softmax_means
+from ._score_rows import log_normalisers, softmax_means
 from ._tokens import log_weights
 
 
@@ -86,10 +86,10 @@ class SinkhornKernel(AbstractKernel):
 
 
 class ChunkedSinkhornKernel(AbstractKernel):
-    """Memory-linear Sinkhorn attention: heads one at a time; every row (column) step takes the
-    queries (keys) in blocks of `chunk_size` against all tokens, each block rematerialised in the
-    backward pass. Memory: one `(chunk_size, n)` score block plus the potentials `(K, n)` of one
-    head, linear in `n`. Gradients by JAX.
+    """Memory-linear Sinkhorn attention: every row (column) step takes the queries (keys) in
+    blocks of `chunk_size` against all tokens, the heads one at a time inside a block, each block
+    and head rematerialised in the backward pass. Memory: one `(chunk_size, n)` score block plus
+    the potentials `(K, M, n)`, linear in `n`. Gradients by JAX.
 
     **Fields:** `iterations` (as `SinkhornKernel`), `chunk_size` (default 256; need not divide `n`).
     """
@@ -112,21 +112,15 @@ class ChunkedSinkhornKernel(AbstractKernel):
     ) -> Float[Array, "n d"]:
         lw = log_weights(w)
         c = self.chunk_size
-
-        def head(a):
-            rows, cols = x @ a, x @ a.T  # S_ij = rows_i · x_j = cols_j · x_i
-
-            def iteration(g, _):
-                f = -log_normalisers(rows, x, g + lw, block=c)
-                return -log_normalisers(cols, x, f + lw, block=c), None
-
-            g = jnp.zeros(x.shape[:1], x.dtype)
-            if self.iterations > 1:
-                g, _ = jax.lax.scan(iteration, g, None, length=self.iterations - 1)
-            return softmax_means(rows, x, g + lw, block=c)
-
-        y = over_heads(head, True, A)
-        return jnp.einsum("med,mnd->ne", V, y) / A.shape[0]
+        rows = jnp.einsum("nd,mde->nme", x, A)  # S_mij = rows_im · x_j
+        cols = jnp.einsum("nd,med->nme", x, A)  # S_mij = cols_jm · x_i
+        g = jnp.zeros(A.shape[:1] + x.shape[:1], x.dtype)  # (M, n)
+        # a Python loop, not a scan: a scan over the iterations would store O(n^2) residuals
+        for _ in range(self.iterations - 1):
+            f = -log_normalisers(rows, x, g + lw, block=c).T
+            g = -log_normalisers(cols, x, f + lw, block=c).T
+        y = softmax_means(rows, x, g + lw, block=c)
+        return jnp.einsum("med,nmd->ne", V, y) / A.shape[0]
 
     def velocity(self, x, w, A, V):
         """Streams over the sequences (`lax.map`): temporaries of one sequence at a time."""

@@ -206,3 +206,17 @@ def test_kernels_refuse_bad_options():
         assert k.fused_chunks() is None and not k.plain_softmax()
     assert ChunkedL2Kernel.memory_linear and ChunkedSinkhornKernel.memory_linear
     assert not L2Kernel.memory_linear and not SinkhornKernel.memory_linear
+
+
+@pytest.mark.parametrize("kernel", [ChunkedL2Kernel(128, causal=True),
+                                    ChunkedSinkhornKernel(3, 128),
+                                    ChunkedKernel(128, causal=True)], ids=repr)
+def test_memory_linear_kernels_keep_gradient_memory_linear(kernel):
+    """XLA's temporary memory of the compiled gradient doubles (not quadruples) with n."""
+    def temp(n):
+        x, w, A = jnp.zeros((n, 4)), jnp.full((n,), 1.0 / n), jnp.zeros((2, 4, 4))
+        f = jax.jit(jax.grad(lambda x, A: kernel(x, w, A, A).sum(), argnums=(0, 1)))
+        return f.lower(x, A).compile().memory_analysis().temp_size_in_bytes
+
+    small, large = temp(1024), temp(2048)
+    assert large <= 2.3 * small, (small, large)
