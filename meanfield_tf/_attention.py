@@ -198,7 +198,13 @@ class ChunkedKernel(AbstractKernel):
     def velocity(self, x, w, A, V):
         """Streams over the sequences (`lax.map`, one at a time), so the cache-sized score blocks
         are not multiplied by `B`: faster on CPU and `B` times less temporary memory."""
-        return jax.lax.map(lambda xw: self(xw[0], xw[1], A, V), (x, w))
+        return map_sequences(self, x, w, A, V)
+
+
+def map_sequences(kernel: AbstractKernel, x, w, A, V) -> Float[Array, "B n d"]:
+    """`kernel` over the `B` sequences one at a time (`lax.map`): the temporaries of one sequence
+    at a time, for the memory-linear kernels' `velocity`."""
+    return jax.lax.map(lambda xw: kernel(xw[0], xw[1], A, V), (x, w))
 
 
 def _causal(x, w, A, V, block):

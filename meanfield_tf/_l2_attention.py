@@ -29,12 +29,11 @@ from __future__ import annotations
 from typing import ClassVar
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from ._attention import AbstractKernel
+from ._attention import AbstractKernel, map_sequences
 from ._errors import InputError, concrete_or_none
 from ._score_rows import softmax_means
 from ._tokens import log_weights
@@ -102,7 +101,7 @@ class ChunkedL2Kernel(AbstractKernel):
 
     def velocity(self, x, w, A, V):
         """Streams over the sequences (`lax.map`): temporaries of one sequence at a time."""
-        return jax.lax.map(lambda xw: self(xw[0], xw[1], A, V), (x, w))
+        return map_sequences(self, x, w, A, V)
 
     def gaussian_velocity(self, A, V, mean, cov):
         return _l2_gaussian(self, A, V, mean, cov)

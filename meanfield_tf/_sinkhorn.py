@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from ._attention import AbstractKernel
+from ._attention import AbstractKernel, map_sequences
 from ._errors import InputError
 from ._score_rows import log_normalisers, softmax_means
 from ._tokens import log_weights
@@ -124,7 +124,7 @@ class ChunkedSinkhornKernel(AbstractKernel):
 
     def velocity(self, x, w, A, V):
         """Streams over the sequences (`lax.map`): temporaries of one sequence at a time."""
-        return jax.lax.map(lambda xw: self(xw[0], xw[1], A, V), (x, w))
+        return map_sequences(self, x, w, A, V)
 
     def gaussian_velocity(self, A, V, mean, cov):
         return sinkhorn_gaussian_velocity(A, V, mean, cov, self.iterations)

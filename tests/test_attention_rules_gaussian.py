@@ -7,7 +7,6 @@ tokens against the moment flows as n grows.
 """
 
 import diffrax
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
