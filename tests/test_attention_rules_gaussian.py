@@ -176,6 +176,7 @@ def test_cli_simulate_by_name(tmp_path, capsys):
     assert code == 2 and "causal" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_train_by_name(tmp_path, capsys):
     tiny = ["dtype=float64", "heads.layers=2", "heads.heads=4", "task.tokens.n=6",
             "train.steps=2", "train.eval_every=1", "train.checkpoint_every=2"]
