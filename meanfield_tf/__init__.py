@@ -39,6 +39,12 @@ from ._gaussian import gaussian_flow as gaussian_flow
 from ._geometry import AbstractGeometry as AbstractGeometry
 from ._geometry import Euclidean as Euclidean
 from ._geometry import Sphere as Sphere
+from ._l2_attention import ChunkedL2Kernel as ChunkedL2Kernel
+from ._l2_attention import L2Kernel as L2Kernel
+from ._sinkhorn import ChunkedSinkhornKernel as ChunkedSinkhornKernel
+from ._sinkhorn import SinkhornKernel as SinkhornKernel
+from ._sinkhorn import sinkhorn_gaussian_limit as sinkhorn_gaussian_limit
+from ._sinkhorn import sinkhorn_gaussian_velocity as sinkhorn_gaussian_velocity
 from ._gradients import AbstractGradientMethod as AbstractGradientMethod
 from ._gradients import Autodiff as Autodiff
 from ._gradients import Backsolve as Backsolve

@@ -57,6 +57,9 @@ class CudnnKernel(AbstractKernel):
     implementation: str | None = eqx.field(static=True, default=None)
     precision: Precision = FLOAT32
 
+    def plain_softmax(self):
+        return True
+
     def __check_init__(self):
         if self.implementation not in _IMPLEMENTATIONS:
             raise InputError(

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from ._adjoint import adjoint_and_gradient
+from ._errors import InputError
 from ._euler_adjoint import chunked_adjoint_and_gradient
 from ._depth import CellArgs, cells, integrate_depth, solve_cell
 from ._errors import InputError
@@ -59,6 +60,12 @@ class Explicit(AbstractGradientMethod):
                 "Explicit() evaluates the closed-form adjoint of the Euclidean flow, not of the "
                 "normalised or tangent-projected flow on the sphere; use Autodiff() (exact "
                 "gradient of the solve) with geometry=Sphere()")
+        if not solver.kernel.plain_softmax():
+            raise InputError(
+                f"the explicit method's closed forms are those of plain softmax attention; the "
+                f"{type(solver.kernel).__name__} kernel computes another rule (causal mask, L2 or "
+                f"Sinkhorn): use the autodiff method (Autodiff(), --method autodiff), which "
+                f"differentiates the kernel itself")
 
     def risk_and_gradient(self, heads, tokens, risk, solver):
         sol = _explicit(heads, tokens, risk, solver, self.nonlocal_term)

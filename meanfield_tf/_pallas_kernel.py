@@ -265,6 +265,9 @@ class PallasKernel(AbstractKernel):
     num_warps: int = eqx.field(static=True, default=4)
     num_stages: int = eqx.field(static=True, default=2)
 
+    def plain_softmax(self):
+        return True
+
     def __check_init__(self):
         for name in ("block_rows", "block_keys"):
             size = getattr(self, name)

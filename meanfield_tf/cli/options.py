@@ -22,7 +22,13 @@ def add_solver_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--kernel", default=None, choices=list(KERNELS),
                    help="attention kernel (default: dense)")
     g.add_argument("--chunk-size", type=int, default=None,
-                   help="key chunk of the chunked kernel (default 256)")
+                   help="key chunk (chunked) or query block (l2-chunked, sinkhorn-chunked, causal "
+                   "chunked) of the memory-linear kernels (default 256)")
+    g.add_argument("--causal", action="store_true", default=None,
+                   help="causal mask: token i attends to tokens j <= i only (dense, chunked, l2, "
+                   "l2-chunked)")
+    g.add_argument("--sinkhorn-iterations", type=int, default=None,
+                   help="row normalisations of the sinkhorn kernels (default 3; 1 is softmax)")
     g.add_argument("--precision", default=None, choices=list(PRECISIONS),
                    help="precision policy of the cudnn and pallas kernels: float32 (default), "
                    "tf32 matmuls, or bf16 scores with float32 accumulation")
@@ -36,4 +42,5 @@ def solver_flags(args: argparse.Namespace) -> dict:
     """The solver flags as `SolverConfig` fields (`None`: not given)."""
     return {"name": args.solver, "steps": args.steps, "rtol": args.rtol, "atol": args.atol,
             "kernel": args.kernel, "chunk_size": args.chunk_size, "precision": args.precision,
-            "sphere": args.sphere}
+            "sphere": args.sphere, "causal": args.causal,
+            "sinkhorn_iterations": args.sinkhorn_iterations}

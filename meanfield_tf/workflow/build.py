@@ -27,6 +27,8 @@ import numpy as np
 
 from .. import _tasks
 from .._attention import ChunkedKernel, DenseKernel
+from .._l2_attention import ChunkedL2Kernel, L2Kernel
+from .._sinkhorn import ChunkedSinkhornKernel, SinkhornKernel
 from .._cudnn_kernel import CudnnKernel
 from .._depth import AdaptiveSteps, FixedSteps
 from .._errors import ConfigError, InputError
@@ -69,15 +71,21 @@ SOLVERS = {
     "dopri5": diffrax.Dopri5,
     "dopri8": diffrax.Dopri8,
 }
-# name -> constructor from the chunk size and the precision policy (kernels without chunks
-# ignore the chunk size; the dense and chunked kernels compute in the input dtype only)
+# name -> constructor from the chunk size, the precision policy, the causal mask and the Sinkhorn
+# iterations (a kernel ignores the chunk size and iterations it has no use for; the causal mask
+# and the precision policy are refused where they do not apply, see `kernel`)
 KERNELS = {
-    "dense": lambda chunk_size, precision: DenseKernel(),
-    "chunked": lambda chunk_size, precision: ChunkedKernel(chunk_size),
-    "cudnn": lambda chunk_size, precision: CudnnKernel(precision=precision),
-    "pallas": lambda chunk_size, precision: PallasKernel(precision=precision),
+    "dense": lambda c, precision, causal, k: DenseKernel(causal=causal),
+    "chunked": lambda c, precision, causal, k: ChunkedKernel(c, causal=causal),
+    "l2": lambda c, precision, causal, k: L2Kernel(causal=causal),
+    "l2-chunked": lambda c, precision, causal, k: ChunkedL2Kernel(c, causal=causal),
+    "sinkhorn": lambda c, precision, causal, k: SinkhornKernel(k),
+    "sinkhorn-chunked": lambda c, precision, causal, k: ChunkedSinkhornKernel(k, c),
+    "cudnn": lambda c, precision, causal, k: CudnnKernel(precision=precision),
+    "pallas": lambda c, precision, causal, k: PallasKernel(precision=precision),
 }
 PRECISION_KERNELS = ("cudnn", "pallas")  # the kernels that take a precision policy
+CAUSAL_KERNELS = ("dense", "chunked", "l2", "l2-chunked")  # the kernels that take a causal mask
 GRADIENT_METHODS = {"autodiff": Autodiff, "backsolve": Backsolve, "explicit": Explicit}
 ACTIVATIONS = {"tanh": Tanh, "relu": ReLU, "gelu": GELU}
 DTYPES = ("float32", "float64")
@@ -94,15 +102,22 @@ def solver(name: str) -> diffrax.AbstractSolver:
     return _choose(SOLVERS, name.lower(), "solver")()
 
 
-def kernel(name: str, chunk_size: int = 256, precision: str = "float32"):
-    """An attention kernel from its name (`KERNELS`) and precision policy (`PRECISIONS`)."""
+def kernel(name: str, chunk_size: int = 256, precision: str = "float32", causal: bool = False,
+           sinkhorn_iterations: int = 3):
+    """An attention kernel from its name (`KERNELS`), precision policy (`PRECISIONS`), causal
+    mask and Sinkhorn iteration count."""
     make = _choose(KERNELS, name, "attention kernel")
     policy = _choose(PRECISIONS, precision, "precision")
     if precision != "float32" and name not in PRECISION_KERNELS:
         raise InputError(f"precision {precision} needs a kernel that takes a precision policy "
                          f"({', '.join(PRECISION_KERNELS)}); the {name} kernel computes in the "
                          f"input dtype: use --kernel pallas or cudnn, or precision float32")
-    return make(chunk_size, policy)
+    if causal and name not in CAUSAL_KERNELS:
+        why = ("its column normalisation makes every key depend on all queries, future ones "
+               "included" if name.startswith("sinkhorn") else "it has no mask")
+        raise InputError(f"the causal mask is not offered by the {name} kernel ({why}); use one "
+                         f"of {', '.join(CAUSAL_KERNELS)}, or causal false")
+    return make(chunk_size, policy, causal, sinkhorn_iterations)
 
 
 def gradient_method(name: str):
@@ -146,7 +161,8 @@ def depth_solver(cfg: SolverConfig, num_layers: int, block: Block = Block()) -> 
     """The `DepthSolver` a `SolverConfig` describes, for heads of `num_layers` layers, with the
     MLP `block` (`block_of(heads_cfg)`)."""
     return DepthSolver(solver(cfg.name), stepping(num_layers, cfg.steps, cfg.rtol, cfg.atol),
-                       kernel(cfg.kernel, cfg.chunk_size, cfg.precision), block,
+                       kernel(cfg.kernel, cfg.chunk_size, cfg.precision, cfg.causal,
+                              cfg.sinkhorn_iterations), block,
                        geometry=Sphere() if cfg.sphere else Euclidean())
 
 

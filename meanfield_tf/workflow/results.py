@@ -164,6 +164,10 @@ def solver_flags(cfg: TrainConfig) -> str:
         flags.append(f"--kernel {s.kernel} --chunk-size {s.chunk_size}")
     if s.sphere:
         flags.append("--sphere")
+    if s.causal:
+        flags.append("--causal")
+    if s.kernel.startswith("sinkhorn"):
+        flags.append(f"--sinkhorn-iterations {s.sinkhorn_iterations}")
     flags.append(f"--dtype {cfg.dtype}")
     return " ".join(flags)
 

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 
+import diffrax
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._depth import FixedSteps
 from .._errors import InputError
 from .._flow import FlowSolution, flow
 from .._gaussian import gaussian_flow
 from .._heads import HeadMeasure
+from .._solvers import DepthSolver
 from .._tokens import Gaussian, TokenBatch
 from . import build
 from .config import SimulateConfig, load_config
@@ -83,16 +86,19 @@ def gaussian_errors(sim: Simulation, sol: FlowSolution) -> list[tuple[int, float
                                                                       float]]:
     """`(sequence, mean error at s=0, at s=1, covariance error at s=0, at s=1)` for every
     Gaussian sequence: the distance of the simulated tokens' empirical moments to the exact
-    Gaussian moment flow (the s = 0 column is the sampling error, falling like n^-1/2)."""
+    Gaussian moment flow of the simulation's attention rule (the s = 0 column is the sampling
+    error, falling like n^-1/2)."""
     if sim.families is None or not any(isinstance(f, Gaussian) for f in sim.families):
         raise InputError("--gaussian-exact needs --config with at least one gaussian family")
     w = np.asarray(sim.tokens.w)
     xs = np.asarray(sol.xs)
+    kernel = build.depth_solver(sim.cfg.solver, sim.heads.num_layers).kernel
+    exact = DepthSolver(diffrax.Tsit5(), FixedSteps(8), kernel)  # gaussian_flow's default + rule
     rows = []
     for b, fam in enumerate(sim.families):
         if not isinstance(fam, Gaussian):
             continue
-        g = gaussian_flow(sim.heads, fam.mean, fam.cov)
+        g = gaussian_flow(sim.heads, fam.mean, fam.cov, exact)
         errs = []
         for t in (0, -1):
             xt = xs[t, b]

@@ -165,8 +165,10 @@ class HeadsConfig:
 @dataclasses.dataclass(frozen=True)
 class SolverConfig:
     """The depth solver: `name` (euler, heun, midpoint, rk4, tsit5, dopri5, ...), `steps` total
-    fixed steps (a multiple of L; default L) or `rtol`/`atol` for adaptive steps; the kernel;
-    `sphere: true` keeps the tokens on the unit sphere (`Sphere()` geometry)."""
+    fixed steps (a multiple of L; default L) or `rtol`/`atol` for adaptive steps; the kernel
+    (the attention rule and its implementation), with its options: `causal` (token i attends to
+    j <= i; dense, chunked, l2, l2-chunked) and `sinkhorn_iterations` (sinkhorn kernels; 1 is
+    softmax); `sphere: true` keeps the tokens on the unit sphere (`Sphere()` geometry)."""
 
     name: str = "euler"
     steps: Optional[int] = None
@@ -176,13 +178,16 @@ class SolverConfig:
     chunk_size: int = 256
     precision: str = "float32"  # float32 | tf32 | bf16 (the cudnn and pallas kernels)
     sphere: bool = False  # tokens on the unit sphere (meanfield_tf.Sphere)
+    causal: bool = False
+    sinkhorn_iterations: int = 3
 
     def __post_init__(self):
         positive("solver.steps", self.steps, allow_none=True)
+        positive("solver.sinkhorn_iterations", self.sinkhorn_iterations)
         positive("solver.rtol", self.rtol, allow_none=True)
         positive("solver.atol", self.atol, allow_none=True)
         positive("solver.chunk_size", self.chunk_size)
-        from ..build import KERNELS, PRECISIONS, SOLVERS
+        from ..build import CAUSAL_KERNELS, KERNELS, PRECISIONS, SOLVERS
 
         if self.name not in SOLVERS:
             raise ConfigError(f"solver.name {self.name!r} is unknown; choose one of "
@@ -193,6 +198,11 @@ class SolverConfig:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"solver.precision must be one of {', '.join(PRECISIONS)}, got "
                               f"{self.precision!r}")
+        if not isinstance(self.causal, bool):
+            raise ConfigError(f"solver.causal must be true or false, got {self.causal!r}")
+        if self.causal and self.kernel not in CAUSAL_KERNELS:
+            raise ConfigError(f"solver.causal needs a kernel with a causal mask "
+                              f"({', '.join(CAUSAL_KERNELS)}), got kernel {self.kernel!r}")
 
 
 

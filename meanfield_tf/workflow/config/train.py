@@ -304,6 +304,12 @@ class TrainConfig:
                 "of the simulated network; use train.gradient=autodiff or explicit, or an adaptive "
                 "solver (solver.name=tsit5 solver.rtol=1e-6)"
             )
+        rule = ("l2", "l2-chunked", "sinkhorn", "sinkhorn-chunked")
+        if self.train.gradient == "explicit" and (self.solver.causal or self.solver.kernel in rule):
+            raise ConfigError(
+                f"train.gradient=explicit has the closed forms of plain softmax attention, not of "
+                f"solver.kernel={self.solver.kernel}"
+                f"{' with solver.causal' if self.solver.causal else ''}; use train.gradient=autodiff")
 
 
 def task_token_dim(task) -> int | None:
