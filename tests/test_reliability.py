@@ -83,6 +83,20 @@ def test_partial_nested_overrides_keep_the_resolved_defaults():
     assert cfg.task.name == "in_context_regression" and cfg.task.n == 16
 
 
+def test_solver_name_override_changes_only_the_ode_method(tmp_path):
+    """`solver.name` is the ODE method, not a kind of section: overriding it keeps the rest of
+    the solver section of the config file (it once reset the kernel and steps silently)."""
+    from meanfield_tf.workflow.config import SimulateConfig, load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("solver: {name: rk4, steps: 8, kernel: chunked, chunk_size: 16}\n")
+    cfg = load_config(SimulateConfig, path, ["solver.name=heun"])
+    assert (cfg.solver.name, cfg.solver.steps, cfg.solver.kernel, cfg.solver.chunk_size) == (
+        "heun", 8, "chunked", 16)
+    cfg = load_train_config(None, ["solver.kernel=chunked", "solver.name=midpoint"])
+    assert (cfg.solver.name, cfg.solver.kernel) == ("midpoint", "chunked")
+
+
 def test_weight_sums_are_checked_in_float64_with_a_fixed_tolerance():
     n = 20000
     w = np.full((1, n), 1.09 / n, np.float32)

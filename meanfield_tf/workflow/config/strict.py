@@ -131,11 +131,21 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return path, value
 
 
+# Sections whose `name` selects a kind of section (a union of dataclasses): only there does a
+# different name start the section afresh. Elsewhere `name` is an ordinary key (`solver.name`
+# is the ODE method, and `solver.name=heun` must keep the solver's kernel, steps, ...).
+KIND_SECTIONS = frozenset({"task"})
+
+
+def _selects_kind(path: tuple[str, ...]) -> bool:
+    return len(path) == 2 and path[0] in KIND_SECTIONS and path[1] == "name"
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply dotted overrides to nested dict `data` (in place) and return it.
 
-    An override changes its key and nothing else, except `SECTION.name=...` when the section
-    is named (a task): a different name selects another kind of section, whose other keys start
+    An override changes its key and nothing else, except `task.name=...` (a section of
+    `KIND_SECTIONS`): a different name selects another kind of task, whose other keys start
     from that kind's defaults.
     """
     for text in overrides or []:
@@ -146,7 +156,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if not isinstance(nxt, dict):
                 raise ConfigError(f"override {text!r}: {part} is not a section")
             node = nxt
-        if path[-1] == "name" and len(path) > 1 and node.get("name", value) != value:
+        if _selects_kind(tuple(path)) and node.get("name", value) != value:
             node.clear()
         node[path[-1]] = value
     return data
@@ -155,13 +165,15 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 def merge(base: dict, data: dict) -> dict:
     """`data` laid over `base` key by key (nested mappings merged, lists and values replaced).
 
-    A nested section whose `name` differs from the base's (another task) replaces it whole.
+    A section of `KIND_SECTIONS` whose `name` differs from the base's (another task) replaces it
+    whole.
     """
     out = dict(base)
     for key, value in data.items():
         old = out.get(key)
-        if (isinstance(old, dict) and isinstance(value, dict)
-                and value.get("name", old.get("name")) == old.get("name")):
+        other_kind = (key in KIND_SECTIONS and isinstance(value, dict) and isinstance(old, dict)
+                      and value.get("name", old.get("name")) != old.get("name"))
+        if isinstance(old, dict) and isinstance(value, dict) and not other_kind:
             out[key] = merge(old, value)
         else:
             out[key] = value
