@@ -58,6 +58,14 @@ def _load(run: Path) -> tuple[dict, dict, dict]:
     return manifest, results, config
 
 
+def _size(man: dict) -> str:
+    """`quick`, `full`, or `full, with overrides` (a `key=value` on the run's command line)."""
+    if man.get("quick"):
+        return "quick"
+    overrides = [a for a in str(man.get("command", "")).split()[4:] if "=" in a]
+    return f"full, with {' '.join(overrides)}" if overrides else "full"
+
+
 def _machine_line(manifest: dict) -> str:
     m = manifest.get("machine", {})
     devices = m.get("devices") or []
@@ -94,7 +102,7 @@ def write_report(run_dirs: list[Path | str], out: Path | str = "docs/results.md"
         wall_s = f"{wall:.0f} s" if isinstance(wall, (int, float)) else "?"
         lines.append(f"| [{man['experiment']}](#{man['experiment']}) | {man.get('claim', '')} | "
                      f"{_machine_line(man)} | {str(man.get('started', '?'))[:10]} | {wall_s} | "
-                     f"{'quick' if man.get('quick') else 'full'} |")
+                     f"{_size(man)} |")
     lines.append("")
 
     for run, man, res, cfg in loaded:

@@ -29,9 +29,9 @@ $\sqrt{\log n / n}$ (a slightly shallower exponent than $-1/2$ at these $n$).
 
 **Cost** (float64; wall clock on a 2-core CPU shared with about six other jobs, 2026-11-30,
 `python -m meanfield_tf experiment run gaussian-limit [--quick]`): `--quick` (n ≤ 1024, 5 seeds)
-≈ 3 min (33 s of CPU time). Full size (n ≤ 8192, 20 seeds): not run on CPU here; estimated
-≈ 45 min of CPU, dominated by the exact assignment at n = 8192 (≈ 2 min each, O(n^2.7)
-measured up to n = 2048) — use `w2_method=sinkhorn` on a GPU.
+≈ 3 min (33 s of CPU time). Full size (n ≤ 8192, 20 seeds): not run on CPU
+here; n ≤ 4096 with 20 seeds (`ns=64,...,4096`) took 1297 s, of which ≈ 820 s for n = 4096,
+dominated by the exact assignment (O(n^2.7)); n = 8192 would take about 8 times that — use `w2_method=sinkhorn` on a GPU.
 """
 
 from __future__ import annotations
@@ -252,6 +252,7 @@ def rows(results: dict) -> list[dict]:
 
 def discussion(results: dict) -> str:
     t = results["table"]
+    entropic = "sinkhorn" in results["w2_method"].lower()
     return (
         f"From n = {t[0]['n']} to n = {t[-1]['n']} tokens ({results['seeds']} repetitions per "
         f"n), the output tokens approach the exact Gaussian N(m₁, Σ₁) of the moment ODE: the "
@@ -261,8 +262,9 @@ def discussion(results: dict) -> str:
         f"sampling error of the n input tokens carried through the flow). The W2 distance "
         f"({results['w2_method']}) to n fresh samples of the exact output decays with exponent "
         f"{results['slope_w2']:.3f} ± {results['slope_w2_stderr']:.3f}; in d = 2 the W2 "
-        f"distance between two n-samples decays like √(log n / n), and the entropic "
-        f"regularisation biases the smallest distances, so this rate is only roughly −1/2. The "
+        f"distance between two n-samples decays like √(log n / n)"
+        f"{', and the entropic regularisation biases the smallest distances' if entropic else ''}"
+        f", so this rate is only roughly −1/2. The "
         f"tokens are integrated by the continuous-depth model with a fixed-step Tsit5 whose "
         f"error on the moment ODE is {results['depth_error']:.1g}, far below every sampling "
         f"error in the table; the Euler transformer with one step per layer would add an "
