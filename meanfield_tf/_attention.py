@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from ._errors import InputError
+from ._errors import InputError, check_chunk_size
 from ._flash import _forward, flash_attention
 from ._score_rows import softmax_means
 from ._tokens import log_weights
@@ -175,8 +175,7 @@ class ChunkedKernel(AbstractKernel):
         return not self.causal
 
     def __check_init__(self):
-        if self.chunk_size < 1:
-            raise InputError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        check_chunk_size(self.chunk_size)
         if self.block_rows is not None and self.block_rows < 1:
             raise InputError(
                 f"block_rows must be >= 1 or None (automatic), got {self.block_rows}"

@@ -104,3 +104,9 @@ def check_weights(name: str, w, *, atol: float | None = None) -> None:
             f"{name} rows must sum to 1 (each sequence is a probability measure); row {i} sums to "
             f"{s_i:.10g}; divide each row by its sum (in float64 for long rows)"
         )
+
+
+def check_chunk_size(chunk_size: int) -> None:
+    """Raise `InputError` unless a kernel's `chunk_size` is at least 1."""
+    if chunk_size < 1:
+        raise InputError(f"chunk_size must be >= 1, got {chunk_size}")

@@ -34,7 +34,7 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from ._attention import AbstractKernel, map_sequences
-from ._errors import InputError, concrete_or_none
+from ._errors import InputError, check_chunk_size, concrete_or_none
 from ._score_rows import softmax_means
 from ._tokens import log_weights
 
@@ -87,8 +87,7 @@ class ChunkedL2Kernel(AbstractKernel):
     memory_linear: ClassVar[bool] = True
 
     def __check_init__(self):
-        if self.chunk_size < 1:
-            raise InputError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        check_chunk_size(self.chunk_size)
 
     def __call__(
         self,

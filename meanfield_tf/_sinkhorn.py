@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from ._attention import AbstractKernel, map_sequences
-from ._errors import InputError
+from ._errors import InputError, check_chunk_size
 from ._score_rows import log_normalisers, softmax_means
 from ._tokens import log_weights
 
@@ -100,8 +100,7 @@ class ChunkedSinkhornKernel(AbstractKernel):
 
     def __check_init__(self):
         _check_iterations(self.iterations)
-        if self.chunk_size < 1:
-            raise InputError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        check_chunk_size(self.chunk_size)
 
     def __call__(
         self,
