@@ -192,7 +192,7 @@ class ChunkedKernel(AbstractKernel):
             return _causal(x, w, A, V, self.chunk_size)
         if self.custom_vjp:
             return flash_attention(x, w, A, V, self.chunk_size, self.block_rows)
-        return _forward(x, w, A, V, self.chunk_size, self.block_rows)[0]
+        return _forward(x, w, A, V, self.chunk_size, self.block_rows, native=False)[0]
 
     def velocity(self, x, w, A, V):
         """Streams over the sequences (`lax.map`, one at a time), so the cache-sized score blocks

@@ -44,6 +44,7 @@ from jaxtyping import Array, Float
 from ._errors import InputError
 from ._flash import _backward, _forward
 from ._flow import check_compatible
+from ._native_attention import native_usable
 from ._heads import HeadMeasure, interpolate_cell, merged_query_key
 from ._risks import AbstractRisk
 from ._tokens import TokenBatch
@@ -70,20 +71,32 @@ def euler_step(
 
 
 def _step_fwd(x, w, A, V, h, chunk_size, block_rows):
-    v, y, lse = jax.lax.map(lambda xw: _forward(xw[0], xw[1], A, V, chunk_size, block_rows), (x, w))
+    def one(x, w):
+        return _forward(x, w, A, V, chunk_size, block_rows)
+
+    if native_usable(x.dtype, x.shape[-1]):  # one kernel call for the batch, threads across it
+        v, y, lse = jax.vmap(one)(x, w)
+    else:  # sequences one at a time: cache-sized blocks
+        v, y, lse = jax.lax.map(lambda xw: one(*xw), (x, w))
     return x + h * v, (x, w, A, V, y, lse)
 
 
 def _step_bwd(h, chunk_size, block_rows, res, g):
     x, w, A, V, y, lse = res
 
-    def one(carry, seq):  # sequences one at a time: cache-sized blocks, dA and dV accumulated
+    def one(xi, wi, yi, li, gi):
+        return _backward(xi, wi, A, V, yi, li, h * gi, chunk_size, block_rows)
+
+    if native_usable(x.dtype, x.shape[-1]):
+        dx, dw, dA, dV = jax.vmap(one)(x, w, y, lse, g)
+        return g + dx, dw, dA.sum(0), dV.sum(0)
+
+    def step(carry, seq):  # sequences one at a time: cache-sized blocks, dA and dV accumulated
         dA, dV = carry
-        xi, wi, yi, li, gi = seq
-        dx, dw, dAi, dVi = _backward(xi, wi, A, V, yi, li, h * gi, chunk_size, block_rows)
+        dx, dw, dAi, dVi = one(*seq)
         return (dA + dAi, dV + dVi), (dx, dw)
 
-    (dA, dV), (dx, dw) = jax.lax.scan(one, (jnp.zeros_like(A), jnp.zeros_like(V)), (x, w, y, lse, g))
+    (dA, dV), (dx, dw) = jax.lax.scan(step, (jnp.zeros_like(A), jnp.zeros_like(V)), (x, w, y, lse, g))
     return g + dx, dw, dA, dV
 
 

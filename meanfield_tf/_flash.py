@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from ._native_attention import native_rows_backward, native_rows_forward, native_usable
 from ._tokens import log_weights
 
 
@@ -118,18 +119,13 @@ def _bwd_block(z, gy, D, lse, xk, lwk):
     return dzt, dxk, dlwk
 
 
-def _prepare(x, w, A, chunk_size):
-    """Key chunks, log-weights and the query rows `z` `(n M, d)` (token-major: row `i M + m`).
+def _queries(x, A):
+    """The query rows `z` `(n M, d)`, token-major: row `i M + m` is $A_m^\top x_i$.
 
     Token-major rows make every per-token product over the heads one plain matrix product
     (`x (A_1 .. A_M)` for the queries, `(y_1 .. y_M) V` for the output, and so on in the
     backward) instead of `M` small batched ones."""
-    n, d = x.shape
-    c = min(chunk_size, n)
-    xk = _blocks(x, c, 0)
-    lwk = _blocks(log_weights(w), c, -jnp.inf)
-    z = jnp.einsum("nd,mde->nme", x, A).reshape(-1, d)
-    return xk, lwk, z
+    return jnp.einsum("nd,mde->nme", x, A).reshape(-1, x.shape[1])
 
 
 def _row_block_size(rows: int, c: int, block_rows: int | None) -> int:
@@ -138,17 +134,34 @@ def _row_block_size(rows: int, c: int, block_rows: int | None) -> int:
     return min(block_rows, rows)
 
 
-def _forward(x, w, A, V, chunk_size, block_rows):
+def _rows_forward(z, x, w, chunk_size, block_rows, native=True):
+    """Row means `y` `(R, d)` and statistics `lse` `(R,)` of the query rows `z` `(R, d)`: on the
+    CPU by the native kernel when it is usable (`_native_attention`), else in XLA blocks.
+    `native=False` keeps XLA (the native call has no derivative of its own: only the custom
+    VJPs built on `_rows_backward` may use it)."""
+    n, d = x.shape
+    rows = z.shape[0]
+
+    def xla(z, x, w):
+        c = min(chunk_size, n)
+        xk, lwk = _blocks(x, c, 0), _blocks(log_weights(w), c, -jnp.inf)
+        r = _row_block_size(rows, c, block_rows)
+        if r >= rows:
+            return _fwd_block(z, xk, lwk)
+        y, lse = jax.lax.map(lambda zb: _fwd_block(zb, xk, lwk), _blocks(z, r, 0))
+        return y.reshape(-1, d)[:rows], lse.reshape(-1)[:rows]
+
+    if native and native_usable(z.dtype, d):
+        return jax.lax.platform_dependent(
+            z, x, w, cpu=lambda z, x, w: native_rows_forward(z, x, log_weights(w)), default=xla)
+    return xla(z, x, w)
+
+
+def _forward(x, w, A, V, chunk_size, block_rows, native=True):
     n, d = x.shape
     m_heads = A.shape[0]
-    xk, lwk, z = _prepare(x, w, A, chunk_size)
-    rows = z.shape[0]
-    r = _row_block_size(rows, xk.shape[1], block_rows)
-    if r >= rows:
-        y, lse = _fwd_block(z, xk, lwk)
-    else:
-        y, lse = jax.lax.map(lambda zb: _fwd_block(zb, xk, lwk), _blocks(z, r, 0))
-        y, lse = y.reshape(-1, d)[:rows], lse.reshape(-1)[:rows]
+    z = _queries(x, A)
+    y, lse = _rows_forward(z, x, w, chunk_size, block_rows, native)
     y = y.reshape(n, m_heads, d)
     v = jnp.einsum("med,nmd->ne", V, y) / m_heads
     return v, y, lse
@@ -177,36 +190,56 @@ def _flash_fwd(x, w, A, V, chunk_size, block_rows):
     return v, (x, w, A, V, y, lse)
 
 
+def _rows_backward(z, gy, D, lse, x, w, chunk_size, block_rows):
+    """Cotangents of the rows, transposed (`dz` as `(d, R)`), of the keys/values `x` `(n, d)` and
+    of the log-weights `(n,)`, for row-mean cotangents `gy` `(R, d)` and `D = Σ gy·y` `(R,)`:
+    by the native kernel on the CPU when usable, else in XLA blocks."""
+    n, d = x.shape
+    rows = z.shape[0]
+
+    def xla(z, gy, D, lse, x, w):
+        c = min(chunk_size, n)
+        xk, lwk = _blocks(x, c, 0), _blocks(log_weights(w), c, -jnp.inf)
+        r = _row_block_size(rows, c, block_rows)
+        if r >= rows:
+            dzt, dxk, dlwk = _bwd_block(z, gy, D, lse, xk, lwk)
+        else:
+            def step(carry, blk):
+                dxk_acc, dlwk_acc = carry
+                dztb, dxkb, dlwkb = _bwd_block(*blk, xk, lwk)
+                return (dxk_acc + dxkb, dlwk_acc + dlwkb), dztb
+
+            (dxk, dlwk), dzt = jax.lax.scan(
+                step, (jnp.zeros_like(xk), jnp.zeros_like(lwk)),
+                (_blocks(z, r, 0), _blocks(gy, r, 0), _blocks(D, r, 0), _blocks(lse, r, 0)),
+            )
+            dzt = jnp.swapaxes(dzt, 0, 1).reshape(d, -1)[:, :rows]
+        return dzt, dxk.reshape(-1, d)[:n], dlwk.reshape(-1)[:n]
+
+    def native(z, gy, D, lse, x, w):
+        dz, dx, dlw = native_rows_backward(z, x, log_weights(w), lse, gy, D)
+        return dz.T, dx, dlw
+
+    if native_usable(z.dtype, d):
+        return jax.lax.platform_dependent(z, gy, D, lse, x, w, cpu=native, default=xla)
+    return xla(z, gy, D, lse, x, w)
+
+
 def _backward(x, w, A, V, y, lse, g, chunk_size, block_rows):
     """Cotangents `(dx, dw, dA, dV)` of one sequence's velocity for the cotangent `g` `(n, d)`,
     from the saved head means `y` `(n, M, d)` and row statistics `lse` `(n M,)`: each score block
     is recomputed once and serves the query, key and value roles of `x` together."""
     n, d = x.shape
     m_heads = A.shape[0]
-    xk, lwk, z = _prepare(x, w, A, chunk_size)
-    rows = z.shape[0]
+    z = _queries(x, A)
     gy = jnp.einsum("ne,med->nmd", g, V) / m_heads
     dV = jnp.einsum("ne,nmd->med", g, y) / m_heads
     D = jnp.sum(gy * y, axis=-1).reshape(-1)
     gy = gy.reshape(-1, d)
-    r = _row_block_size(rows, xk.shape[1], block_rows)
-    if r >= rows:
-        dzt, dxk, dlwk = _bwd_block(z, gy, D, lse, xk, lwk)
-    else:
-        def step(carry, blk):
-            dxk_acc, dlwk_acc = carry
-            dztb, dxkb, dlwkb = _bwd_block(*blk, xk, lwk)
-            return (dxk_acc + dxkb, dlwk_acc + dlwkb), dztb
-
-        (dxk, dlwk), dzt = jax.lax.scan(
-            step, (jnp.zeros_like(xk), jnp.zeros_like(lwk)),
-            (_blocks(z, r, 0), _blocks(gy, r, 0), _blocks(D, r, 0), _blocks(lse, r, 0)),
-        )
-        dzt = jnp.swapaxes(dzt, 0, 1).reshape(d, -1)[:, :rows]
+    dzt, dxk, dlw = _rows_backward(z, gy, D, lse, x, w, chunk_size, block_rows)
     dzt = dzt.reshape(d, n, m_heads)  # dz transposed: (e, i, m)
-    dx = dxk.reshape(-1, d)[:n] + jnp.einsum("enm,mde->nd", dzt, A)
+    dx = dxk + jnp.einsum("enm,mde->nd", dzt, A)
     dA = jnp.einsum("nd,enm->mde", x, dzt)
-    dlw = dlwk.reshape(-1)[:n]
     pos = w > 0
     dw = jnp.where(pos, dlw / jnp.where(pos, w, 1), 0)
     return dx, dw, dA, dV

@@ -126,10 +126,12 @@ if ! docker info >/dev/null 2>&1; then
 fi
 log "engine: docker $(docker version -f '{{.Server.Version}}' 2>/dev/null) (client $(docker version -f '{{.Client.Version}}' 2>/dev/null))"
 
-# The host's default run of this same tree (not of whatever copy is installed), in the background
+# The host's default run of this same tree (not of whatever copy is installed), in the background,
+# on XLA's CPU attention path: the slim image has no C++ compiler, so the container runs that path
+# too (the native CPU kernel is compiled on first use where a compiler exists)
 # while the image is made.
 mkdir -p "$work/host" "$work/runs"
-(cd "$work/host" && PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" \
+(cd "$work/host" && PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" MEANFIELD_TF_NATIVE=off \
    "$python" -m meanfield_tf train --out runs/default >"$work/host.out" 2>&1) &
 host_pid=$!
 

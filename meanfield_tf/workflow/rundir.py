@@ -46,6 +46,7 @@ import jax
 import yaml
 
 from .._errors import ConfigError, InputError
+from .._native_attention import native_kernel_status
 from . import build
 from .build import Run, TrainState
 from .config import TrainConfig, train_config_from_dict, train_config_to_dict
@@ -298,6 +299,13 @@ def git_commit() -> str | None:
         return None
 
 
+def _cpu_attention() -> dict:
+    """Which CPU attention path runs (the native kernel or XLA's) and why, for the manifest:
+    float32 results of the two differ by rounding, so a rerun elsewhere can be told apart."""
+    status = native_kernel_status()
+    return {"native_kernel": status.available, "mode": status.mode, "reason": status.reason}
+
+
 def manifest(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
     """Versions, devices (all processes), process count, seed, git commit and command line."""
     versions = {pkg: _version(pkg) for pkg in ("meanfield_tf", "jax", "jaxlib", "equinox",
@@ -311,6 +319,7 @@ def manifest(cfg: TrainConfig, argv: list[str] | None = None) -> dict:
         "coordinator": (cfg.distributed.resolve().coordinator_address
                         if jax.process_count() > 1 else None),
         "backend": jax.default_backend(),
+        "cpu_attention": _cpu_attention(),
         "x64": bool(jax.config.jax_enable_x64),
         "seed": cfg.seed,
         "git_commit": git_commit(),

@@ -1,0 +1,465 @@
+// Memory-linear softmax attention over (head, query) rows that share their keys and values:
+// the forward (row means and log-sum-exp) and the backward (row, key and log-weight cotangents)
+// of meanfield_tf's fused Euler step, as XLA FFI handlers for the CPU.
+//
+// For one sequence with keys x_j (n, d), log-weights l_j and query rows z_i (R, d):
+//   s_ij = z_i . x_j + l_j,  lse_i = log sum_j exp(s_ij),  p_ij = exp(s_ij - lse_i),
+//   y_i = sum_j p_ij x_j.
+// Backward, for row cotangents g_i of y_i and D_i = g_i . y_i:
+//   ds_ij = p_ij (g_i . x_j - D_i),  dz_i = sum_j ds_ij x_j,
+//   dx_j = sum_i (p_ij g_i + ds_ij z_i),  dl_j = sum_i ds_ij.
+// Each row streams over all keys once (forward: twice, scores then probabilities); keys are held
+// transposed (d, n) so that every product runs across W keys at a time in one SIMD register.
+// Nothing of size R x n is stored.  Rows are split into tasks over XLA's intra-op thread pool;
+// each backward task accumulates its key cotangents privately and the partials are summed after.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <mutex>
+#include <optional>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kBytes = 64;  // one AVX-512 register; the compiler splits it on narrower ISAs
+
+template <class T> struct Simd;
+template <> struct Simd<float> {
+  typedef float V __attribute__((vector_size(kBytes)));
+  typedef int32_t I __attribute__((vector_size(kBytes)));
+  static constexpr int W = kBytes / sizeof(float);
+};
+template <> struct Simd<double> {
+  typedef double V __attribute__((vector_size(kBytes)));
+  typedef int64_t I __attribute__((vector_size(kBytes)));
+  static constexpr int W = kBytes / sizeof(double);
+};
+
+// exp of a float vector, for arguments <= 0 (the kernels only take exp of a score minus its row
+// maximum or log-sum-exp).  Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, and a degree-7
+// polynomial for e^r (the classic single-precision minimax coefficients): about 1 ulp.  Results
+// below the smallest normal float flush to 0; -inf gives 0 and NaN stays NaN.
+inline Simd<float>::V vexp(Simd<float>::V x) {
+  typedef Simd<float>::V V;
+  typedef Simd<float>::I I;
+  const V hi = V{} + 88.0f, lo = V{} + -87.33654f;
+  const auto nan = x != x;
+  const auto under = x < lo;
+  x = x > hi ? hi : x;
+  x = x < lo ? lo : x;
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  V t = x * 1.44269504088896341f + magic;
+  V n = t - magic;
+  V r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  V r2 = r * r;
+  V p = 1.9875691500e-4f * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r2 + r + 1.0f;
+  I bits = (I)t - (I)(V{} + magic);     // the integer n
+  V scale = (V)((bits + 127) << 23);   // 2^n
+  V e = p * scale;
+  e = under ? V{} : e;
+  return nan ? x + (V{} + std::numeric_limits<float>::quiet_NaN()) : e;
+}
+
+// Doubles (used by the float64 reference runs): the C library's exp, lane by lane.
+inline Simd<double>::V vexp(Simd<double>::V x) {
+  Simd<double>::V e;
+  for (int l = 0; l < Simd<double>::W; ++l) e[l] = std::exp(x[l]);
+  return e;
+}
+
+template <class V, int W>
+inline auto hsum(V v) {
+  auto s = v[0];
+  for (int l = 1; l < W; ++l) s += v[l];
+  return s;
+}
+
+template <class V, int W>
+inline auto hmax(V v) {
+  auto s = v[0];
+  for (int l = 1; l < W; ++l) s = std::max(s, v[l]);
+  return s;
+}
+
+// Shuffle indices of hsum_many: at the level where blocks of L lanes fold to L/2, output lane o
+// takes lane r (and r + L/2) of block q of the first input vector, or of the second for q past
+// the first's blocks.
+template <class T>
+struct FoldTables {
+  typename Simd<T>::I lo[8], hi[8];
+  FoldTables() {
+    constexpr int W = Simd<T>::W;
+    int level = 0;
+    for (int L = W; L > 1; L /= 2, ++level) {
+      const int half = L / 2, per = W / L;
+      for (int o = 0; o < W; ++o) {
+        const int q = o / half, r = o % half;
+        const int src = q < per ? q * L + r : W + (q - per) * L + r;
+        lo[level][o] = src;
+        hi[level][o] = src + half;
+      }
+    }
+  }
+};
+template <class T>
+const FoldTables<T> kFold{};
+
+// Horizontal sums of d vectors at once: out[k] = sum of the lanes of acc[k].  Pairs of vectors
+// are folded in halves (one shuffle pair and one add per pair and level), so W accumulators take
+// W - 1 adds instead of W (W - 1) scalar ones.
+template <class T>
+void hsum_many(typename Simd<T>::V* acc, int64_t d, T* out) {
+  typedef typename Simd<T>::V V;
+  typedef typename Simd<T>::I I;
+  constexpr int W = Simd<T>::W;
+  for (int64_t k0 = 0; k0 < d; k0 += W) {
+    V v[W];
+    const int64_t m = std::min<int64_t>(W, d - k0);
+    for (int64_t k = 0; k < W; ++k) v[k] = k < m ? acc[k0 + k] : V{};
+    int count = W;  // vectors left; each holds W / count accumulators in blocks of count lanes
+    int level = 0;
+    for (int L = W; L > 1; L /= 2, ++level) {
+      const I& lo = kFold<T>.lo[level];
+      const I& hi = kFold<T>.hi[level];
+      for (int c = 0; c < count / 2; ++c)
+        v[c] = __builtin_shuffle(v[2 * c], v[2 * c + 1], lo) +
+               __builtin_shuffle(v[2 * c], v[2 * c + 1], hi);
+      count /= 2;
+    }
+    for (int64_t k = 0; k < m; ++k) out[k0 + k] = v[0][k];
+  }
+}
+
+// Run body(t) for t in [0, tasks) on the caller and the intra-op pool; returns when all are done.
+template <class F>
+void parallel_tasks(ffi::ThreadPool& pool, int64_t tasks, F body) {
+  // the caller works too: with the pool's own threads that would be one thread per core, plus one
+  int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, tasks - 1);
+  if (helpers <= 0) {
+    for (int64_t t = 0; t < tasks; ++t) body(t);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  std::mutex mu;
+  std::condition_variable cv;
+  int64_t finished = 0;
+  auto work = [&]() {
+    for (int64_t t; (t = next.fetch_add(1)) < tasks;) body(t);
+  };
+  for (int64_t h = 0; h < helpers; ++h) {
+    pool.Schedule([&]() {
+      work();
+      std::lock_guard<std::mutex> lock(mu);
+      if (++finished == helpers) cv.notify_one();
+    });
+  }
+  work();
+  std::unique_lock<std::mutex> lock(mu);
+  cv.wait(lock, [&] { return finished == helpers; });
+}
+
+template <class T>
+struct Aligned {
+  T* p = nullptr;
+  explicit Aligned(size_t count) {
+    size_t bytes = ((count * sizeof(T) + kBytes - 1) / kBytes) * kBytes;
+    p = static_cast<T*>(std::aligned_alloc(kBytes, std::max<size_t>(bytes, kBytes)));
+  }
+  ~Aligned() { std::free(p); }
+  Aligned(const Aligned&) = delete;
+  Aligned& operator=(const Aligned&) = delete;
+};
+
+// Keys of one sequence in key blocks of W: block b holds, for k = 0..d-1, the k-th coordinate of
+// keys bW..bW+W-1 (one vector each), so a row's pass over the keys reads memory in order.  The
+// log-weights go to (npad,).  Keys are padded with zeros of log-weight -inf (weight 0) up to npad.
+template <class T>
+void transpose_keys(const T* x, const T* lw, int64_t n, int64_t d, int64_t npad, T* xt, T* lwt) {
+  constexpr int W = Simd<T>::W;
+  for (int64_t j = 0; j < npad; ++j) {
+    T* dst = xt + (j / W) * d * W + j % W;
+    for (int64_t k = 0; k < d; ++k) dst[k * W] = j < n ? x[j * d + k] : T(0);
+    lwt[j] = j < n ? lw[j] : -std::numeric_limits<T>::infinity();
+  }
+}
+
+struct Split {  // rows of each sequence in `chunks` contiguous pieces; tasks = batch * chunks
+  int64_t batch, rows, chunks;
+  int64_t tasks() const { return batch * chunks; }
+  int64_t begin(int64_t c) const { return rows * c / chunks; }
+  int64_t end(int64_t c) const { return rows * (c + 1) / chunks; }
+};
+
+Split split_rows(int64_t batch, int64_t rows, int64_t threads) {
+  // at least two tasks per thread (load balance), at most one per 64 rows
+  int64_t want = std::max<int64_t>(1, (2 * std::max<int64_t>(threads, 1) + batch - 1) / batch);
+  int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(want, rows / 64));
+  return Split{batch, rows, chunks};
+}
+
+// D > 0: the head dimension as a compile-time constant (accumulators live in registers);
+// D == 0: any d up to kMaxD, read at run time.
+constexpr int kMaxD = 64;
+constexpr int kUnroll = 4;  // key blocks per step of the score loops; keys are padded to it
+
+template <class T, int D>
+void forward_rows(const T* z, const T* xt, const T* lwt, int64_t d_rt, int64_t npad,
+                  int64_t r0, int64_t r1, T* s, T* y, T* lse) {
+  typedef typename Simd<T>::V V;
+  constexpr int W = Simd<T>::W;
+  const int64_t d = D > 0 ? D : d_rt;
+  const int64_t blocks = npad / W;  // a multiple of kUnroll
+  const V* X = reinterpret_cast<const V*>(xt);
+  const V* LW = reinterpret_cast<const V*>(lwt);
+  V* S = reinterpret_cast<V*>(s);
+  V acc[D > 0 ? D : kMaxD];
+  for (int64_t i = r0; i < r1; ++i) {
+    const T* zi = z + i * d;
+    V vmax = V{} - std::numeric_limits<T>::infinity();
+    for (int64_t b = 0; b < blocks; b += kUnroll) {
+      V sc[kUnroll];  // independent FMA chains: the sum over k is latency-bound otherwise
+      #pragma GCC unroll 8
+      for (int u = 0; u < kUnroll; ++u) sc[u] = LW[b + u];
+      #pragma GCC unroll 64
+      for (int64_t k = 0; k < d; ++k)
+        #pragma GCC unroll 8
+        for (int u = 0; u < kUnroll; ++u) sc[u] += zi[k] * X[(b + u) * d + k];
+      #pragma GCC unroll 8
+      for (int u = 0; u < kUnroll; ++u) {
+        S[b + u] = sc[u];
+        vmax = sc[u] > vmax ? sc[u] : vmax;
+      }
+    }
+    T m = hmax<V, W>(vmax);
+    if (!std::isfinite(m)) m = T(0);
+    V vsum = V{};
+    #pragma GCC unroll 64
+    for (int64_t k = 0; k < d; ++k) acc[k] = V{};
+    for (int64_t b = 0; b < blocks; ++b) {
+      V p = vexp(S[b] - m);
+      vsum += p;
+      #pragma GCC unroll 64
+      for (int64_t k = 0; k < d; ++k) acc[k] += p * X[b * d + k];
+    }
+    T total = hsum<V, W>(vsum);
+    hsum_many<T>(acc, d, y + i * d);
+    for (int64_t k = 0; k < d; ++k) y[i * d + k] /= total;
+    lse[i] = m + std::log(total);
+  }
+}
+
+template <class T, int D>
+void backward_rows(const T* z, const T* g, const T* lse, const T* dd, const T* xt, const T* lwt,
+                   int64_t d_rt, int64_t npad, int64_t r0, int64_t r1, T* dz, T* dxt, T* dlw) {
+  typedef typename Simd<T>::V V;
+  constexpr int W = Simd<T>::W;
+  constexpr int U = kUnroll / 2;
+  const int64_t d = D > 0 ? D : d_rt;
+  const int64_t blocks = npad / W;  // a multiple of kUnroll
+  const V* X = reinterpret_cast<const V*>(xt);
+  const V* LW = reinterpret_cast<const V*>(lwt);
+  V* DX = reinterpret_cast<V*>(dxt);
+  V* DL = reinterpret_cast<V*>(dlw);
+  V acc[D > 0 ? D : kMaxD];
+  for (int64_t i = r0; i < r1; ++i) {
+    const T* zi = z + i * d;
+    const T* gi = g + i * d;
+    const T li = lse[i], di = dd[i];
+    #pragma GCC unroll 64
+    for (int64_t k = 0; k < d; ++k) acc[k] = V{};
+    for (int64_t b = 0; b < blocks; b += U) {
+      V sc[U], dp[U], p[U], ds[U];
+      #pragma GCC unroll 8
+      for (int u = 0; u < U; ++u) {
+        sc[u] = LW[b + u];
+        dp[u] = V{};
+      }
+      #pragma GCC unroll 64
+      for (int64_t k = 0; k < d; ++k)
+        #pragma GCC unroll 8
+        for (int u = 0; u < U; ++u) {
+          V xk = X[(b + u) * d + k];
+          sc[u] += zi[k] * xk;
+          dp[u] += gi[k] * xk;
+        }
+      #pragma GCC unroll 8
+      for (int u = 0; u < U; ++u) {
+        p[u] = vexp(sc[u] - li);
+        ds[u] = p[u] * (dp[u] - di);
+        DL[b + u] += ds[u];
+      }
+      #pragma GCC unroll 64
+      for (int64_t k = 0; k < d; ++k)
+        #pragma GCC unroll 8
+        for (int u = 0; u < U; ++u) {
+          V xk = X[(b + u) * d + k];
+          acc[k] += ds[u] * xk;
+          DX[(b + u) * d + k] += p[u] * gi[k] + ds[u] * zi[k];
+        }
+    }
+        hsum_many<T>(acc, d, dz + i * d);
+  }
+}
+
+template <class T, int D>
+void forward_batch(ffi::ThreadPool& pool, const T* z, const T* x, const T* lw, int64_t batch,
+                   int64_t rows, int64_t n, int64_t d, T* y, T* lse) {
+  constexpr int W = Simd<T>::W;
+  const int64_t npad = (n + kUnroll * W - 1) / (kUnroll * W) * (kUnroll * W);
+  Split sp = split_rows(batch, rows, pool.num_threads());
+  parallel_tasks(pool, sp.tasks(), [&](int64_t t) {
+    int64_t b = t / sp.chunks, c = t % sp.chunks;
+    Aligned<T> xt(d * npad), lwt(npad), s(npad);
+    transpose_keys(x + b * n * d, lw + b * n, n, d, npad, xt.p, lwt.p);
+    forward_rows<T, D>(z + b * rows * d, xt.p, lwt.p, d, npad, sp.begin(c), sp.end(c), s.p,
+                       y + b * rows * d, lse + b * rows);
+  });
+}
+
+template <class T, int D>
+void backward_batch(ffi::ThreadPool& pool, const T* z, const T* x, const T* lw, const T* lse,
+                    const T* g, const T* dd, int64_t batch, int64_t rows, int64_t n, int64_t d,
+                    T* dz, T* dx, T* dlw) {
+  constexpr int W = Simd<T>::W;
+  const int64_t npad = (n + kUnroll * W - 1) / (kUnroll * W) * (kUnroll * W);
+  Split sp = split_rows(batch, rows, pool.num_threads());
+  const int64_t part = (d + 1) * npad;  // one task's key and log-weight cotangents
+  Aligned<T> partials(sp.tasks() * part);
+  parallel_tasks(pool, sp.tasks(), [&](int64_t t) {
+    int64_t b = t / sp.chunks, c = t % sp.chunks;
+    Aligned<T> xt(d * npad), lwt(npad);
+    transpose_keys(x + b * n * d, lw + b * n, n, d, npad, xt.p, lwt.p);
+    T* dxt = partials.p + t * part;
+    std::fill(dxt, dxt + part, T(0));
+    backward_rows<T, D>(z + b * rows * d, g + b * rows * d, lse + b * rows, dd + b * rows, xt.p,
+                        lwt.p, d, npad, sp.begin(c), sp.end(c), dz + b * rows * d, dxt,
+                        dxt + d * npad);
+  });
+  for (int64_t b = 0; b < batch; ++b) {  // sum the partials of each sequence, back to (n, d)
+    for (int64_t j = 0; j < n; ++j) {
+      #pragma GCC unroll 64
+      for (int64_t k = 0; k < d; ++k) {
+        T acc = 0;
+        for (int64_t c = 0; c < sp.chunks; ++c)
+          acc += partials.p[(b * sp.chunks + c) * part + (j / W) * d * W + k * W + j % W];
+        dx[(b * n + j) * d + k] = acc;
+      }
+      T acc = 0;
+      for (int64_t c = 0; c < sp.chunks; ++c) acc += partials.p[(b * sp.chunks + c) * part + d * npad + j];
+      dlw[b * n + j] = acc;
+    }
+  }
+}
+
+template <class T, template <class, int> class Fn, class... Args>
+bool dispatch_d(int64_t d, Args&&... args) {
+  switch (d) {
+    case 2: Fn<T, 2>::run(args...); return true;
+    case 4: Fn<T, 4>::run(args...); return true;
+    case 8: Fn<T, 8>::run(args...); return true;
+    case 16: Fn<T, 16>::run(args...); return true;
+    case 32: Fn<T, 32>::run(args...); return true;
+    default:
+      if (d < 1 || d > kMaxD) return false;
+      Fn<T, 0>::run(args...);
+      return true;
+  }
+}
+
+template <class T, int D> struct Forward {
+  template <class... A> static void run(A&&... a) { forward_batch<T, D>(a...); }
+};
+template <class T, int D> struct Backward {
+  template <class... A> static void run(A&&... a) { backward_batch<T, D>(a...); }
+};
+
+// Leading dimensions of z (..., R, d), x (..., n, d) are one batch axis of their product.
+struct Shape {
+  int64_t batch, rows, n, d;
+};
+
+template <class Dims>
+std::optional<Shape> batch_shape(const Dims& zd, const Dims& xd) {
+  if (zd.size() < 2 || zd.size() != xd.size()) return std::nullopt;
+  const size_t r = zd.size();
+  int64_t batch = 1;
+  for (size_t a = 0; a + 2 < r; ++a) {
+    if (zd[a] != xd[a]) return std::nullopt;
+    batch *= zd[a];
+  }
+  if (zd[r - 1] != xd[r - 1]) return std::nullopt;
+  return Shape{batch, zd[r - 2], xd[r - 2], zd[r - 1]};
+}
+
+template <ffi::DataType DT>
+ffi::Error forward_impl(ffi::ThreadPool pool, ffi::Buffer<DT> z, ffi::Buffer<DT> x,
+                        ffi::Buffer<DT> lw, ffi::ResultBuffer<DT> y, ffi::ResultBuffer<DT> lse) {
+  typedef ffi::NativeType<DT> T;
+  auto s = batch_shape(z.dimensions(), x.dimensions());
+  if (!s) return ffi::Error::InvalidArgument("flash forward: expected z (..., R, d), x (..., n, d)");
+  if (!dispatch_d<T, Forward>(s->d, pool, z.typed_data(), x.typed_data(), lw.typed_data(),
+                              s->batch, s->rows, s->n, s->d, y->typed_data(), lse->typed_data()))
+    return ffi::Error::InvalidArgument("flash forward: d must be in [1, 64]");
+  return ffi::Error::Success();
+}
+
+template <ffi::DataType DT>
+ffi::Error backward_impl(ffi::ThreadPool pool, ffi::Buffer<DT> z, ffi::Buffer<DT> x,
+                         ffi::Buffer<DT> lw, ffi::Buffer<DT> lse, ffi::Buffer<DT> g,
+                         ffi::Buffer<DT> dd, ffi::ResultBuffer<DT> dz, ffi::ResultBuffer<DT> dx,
+                         ffi::ResultBuffer<DT> dlw) {
+  typedef ffi::NativeType<DT> T;
+  auto s = batch_shape(z.dimensions(), x.dimensions());
+  if (!s) return ffi::Error::InvalidArgument("flash backward: expected z (..., R, d), x (..., n, d)");
+  if (!dispatch_d<T, Backward>(s->d, pool, z.typed_data(), x.typed_data(), lw.typed_data(),
+                               lse.typed_data(), g.typed_data(), dd.typed_data(), s->batch,
+                               s->rows, s->n, s->d, dz->typed_data(), dx->typed_data(),
+                               dlw->typed_data()))
+    return ffi::Error::InvalidArgument("flash backward: d must be in [1, 64]");
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+#define MFT_FORWARD(NAME, DT)                                                              \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(NAME, forward_impl<DT>,                                    \
+                                ffi::Ffi::Bind()                                           \
+                                    .Ctx<ffi::ThreadPool>()                                \
+                                    .Arg<ffi::Buffer<DT>>()                                \
+                                    .Arg<ffi::Buffer<DT>>()                                \
+                                    .Arg<ffi::Buffer<DT>>()                                \
+                                    .Ret<ffi::Buffer<DT>>()                                \
+                                    .Ret<ffi::Buffer<DT>>());
+#define MFT_BACKWARD(NAME, DT)                                                             \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(NAME, backward_impl<DT>,                                   \
+                                ffi::Ffi::Bind()                                           \
+                                    .Ctx<ffi::ThreadPool>()                                \
+                                    .Arg<ffi::Buffer<DT>>()                                \
+                                    .Arg<ffi::Buffer<DT>>()                                \
+                                    .Arg<ffi::Buffer<DT>>()                                \
+                                    .Arg<ffi::Buffer<DT>>()                                \
+                                    .Arg<ffi::Buffer<DT>>()                                \
+                                    .Arg<ffi::Buffer<DT>>()                                \
+                                    .Ret<ffi::Buffer<DT>>()                                \
+                                    .Ret<ffi::Buffer<DT>>()                                \
+                                    .Ret<ffi::Buffer<DT>>());
+
+MFT_FORWARD(mft_flash_forward_f32, ffi::F32)
+MFT_FORWARD(mft_flash_forward_f64, ffi::F64)
+MFT_BACKWARD(mft_flash_backward_f32, ffi::F32)
+MFT_BACKWARD(mft_flash_backward_f64, ffi::F64)
