@@ -52,8 +52,7 @@ inline Simd<float>::V vexp(Simd<float>::V x) {
   typedef Simd<float>::V V;
   typedef Simd<float>::I I;
   const V hi = V{} + 88.0f, lo = V{} + -87.33654f;
-  const auto nan = x != x;
-  const auto under = x < lo;
+  const auto under = x < lo;  // also -inf; NaN compares false everywhere and stays NaN
   x = x > hi ? hi : x;
   x = x < lo ? lo : x;
   const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
@@ -71,8 +70,7 @@ inline Simd<float>::V vexp(Simd<float>::V x) {
   I bits = (I)t - (I)(V{} + magic);     // the integer n
   V scale = (V)((bits + 127) << 23);   // 2^n
   V e = p * scale;
-  e = under ? V{} : e;
-  return nan ? x + (V{} + std::numeric_limits<float>::quiet_NaN()) : e;
+  return under ? V{} : e;
 }
 
 // Doubles (used by the float64 reference runs): the C library's exp, lane by lane.
@@ -248,11 +246,15 @@ void forward_rows(const T* z, const T* xt, const T* lwt, int64_t d_rt, int64_t n
     T m = hmax<V, W>(vmax);
     if (!std::isfinite(m)) m = T(0);
     V vsum = V{};
+    for (int64_t b = 0; b < blocks; ++b) {  // the exps alone: independent iterations
+      V p = vexp(S[b] - m);
+      S[b] = p;
+      vsum += p;
+    }
     #pragma GCC unroll 64
     for (int64_t k = 0; k < d; ++k) acc[k] = V{};
     for (int64_t b = 0; b < blocks; ++b) {
-      V p = vexp(S[b] - m);
-      vsum += p;
+      V p = S[b];
       #pragma GCC unroll 64
       for (int64_t k = 0; k < d; ++k) acc[k] += p * X[b * d + k];
     }
@@ -263,9 +265,17 @@ void forward_rows(const T* z, const T* xt, const T* lwt, int64_t d_rt, int64_t n
   }
 }
 
+// Backward of a tile of up to kTile rows.  Per row, three passes over its keys: the scores and
+// g.x (kUnroll/2 key blocks at a time); p and ds alone (independent exps); the row's dz.  Then
+// one pass over the key blocks for the whole tile: each block's dx (d vectors) stays in registers
+// while the tile's rows add p g + ds z to it, so it is loaded and stored once per tile, not once
+// per row (that read-modify-write, not the arithmetic, bounded the one-row version).
+constexpr int kTile = 16;
+
 template <class T, int D>
 void backward_rows(const T* z, const T* g, const T* lse, const T* dd, const T* xt, const T* lwt,
-                   int64_t d_rt, int64_t npad, int64_t r0, int64_t r1, T* dz, T* dxt, T* dlw) {
+                   int64_t d_rt, int64_t npad, int64_t r0, int64_t r1, T* dz, T* dxt, T* dlw,
+                   T* s) {
   typedef typename Simd<T>::V V;
   constexpr int W = Simd<T>::W;
   constexpr int U = kUnroll / 2;
@@ -276,43 +286,67 @@ void backward_rows(const T* z, const T* g, const T* lse, const T* dd, const T* x
   V* DX = reinterpret_cast<V*>(dxt);
   V* DL = reinterpret_cast<V*>(dlw);
   V acc[D > 0 ? D : kMaxD];
-  for (int64_t i = r0; i < r1; ++i) {
-    const T* zi = z + i * d;
-    const T* gi = g + i * d;
-    const T li = lse[i], di = dd[i];
-    #pragma GCC unroll 64
-    for (int64_t k = 0; k < d; ++k) acc[k] = V{};
-    for (int64_t b = 0; b < blocks; b += U) {
-      V sc[U], dp[U], p[U], ds[U];
-      #pragma GCC unroll 8
-      for (int u = 0; u < U; ++u) {
-        sc[u] = LW[b + u];
-        dp[u] = V{};
-      }
-      #pragma GCC unroll 64
-      for (int64_t k = 0; k < d; ++k)
+  for (int64_t t0 = r0; t0 < r1; t0 += kTile) {
+    const int64_t tile = std::min<int64_t>(kTile, r1 - t0);
+    for (int64_t r = 0; r < tile; ++r) {
+      const int64_t i = t0 + r;
+      const T* zi = z + i * d;
+      const T* gi = g + i * d;
+      const T li = lse[i], di = dd[i];
+      V* P = reinterpret_cast<V*>(s) + r * 2 * blocks;  // scores, then probabilities
+      V* DS = P + blocks;                                // g.x, then score cotangents
+      for (int64_t b = 0; b < blocks; b += U) {
+        V sc[U], dp[U];
         #pragma GCC unroll 8
         for (int u = 0; u < U; ++u) {
-          V xk = X[(b + u) * d + k];
-          sc[u] += zi[k] * xk;
-          dp[u] += gi[k] * xk;
+          sc[u] = LW[b + u];
+          dp[u] = V{};
         }
-      #pragma GCC unroll 8
-      for (int u = 0; u < U; ++u) {
-        p[u] = vexp(sc[u] - li);
-        ds[u] = p[u] * (dp[u] - di);
-        DL[b + u] += ds[u];
-      }
-      #pragma GCC unroll 64
-      for (int64_t k = 0; k < d; ++k)
+        #pragma GCC unroll 64
+        for (int64_t k = 0; k < d; ++k) {
+          #pragma GCC unroll 8
+          for (int u = 0; u < U; ++u) {
+            V xk = X[(b + u) * d + k];
+            sc[u] += zi[k] * xk;
+            dp[u] += gi[k] * xk;
+          }
+        }
         #pragma GCC unroll 8
         for (int u = 0; u < U; ++u) {
-          V xk = X[(b + u) * d + k];
-          acc[k] += ds[u] * xk;
-          DX[(b + u) * d + k] += p[u] * gi[k] + ds[u] * zi[k];
+          P[b + u] = sc[u];
+          DS[b + u] = dp[u];
         }
+      }
+      for (int64_t b = 0; b < blocks; ++b) {
+        V p = vexp(P[b] - li);
+        V ds = p * (DS[b] - di);
+        P[b] = p;
+        DS[b] = ds;
+        DL[b] += ds;
+      }
+      #pragma GCC unroll 64
+      for (int64_t k = 0; k < d; ++k) acc[k] = V{};
+      for (int64_t b = 0; b < blocks; ++b) {
+        V ds = DS[b];
+        #pragma GCC unroll 64
+        for (int64_t k = 0; k < d; ++k) acc[k] += ds * X[b * d + k];
+      }
+      hsum_many<T>(acc, d, dz + i * d);
     }
-        hsum_many<T>(acc, d, dz + i * d);
+    for (int64_t b = 0; b < blocks; ++b) {
+      #pragma GCC unroll 64
+      for (int64_t k = 0; k < d; ++k) acc[k] = DX[b * d + k];
+      for (int64_t r = 0; r < tile; ++r) {
+        const T* zi = z + (t0 + r) * d;
+        const T* gi = g + (t0 + r) * d;
+        const V* P = reinterpret_cast<const V*>(s) + r * 2 * blocks;
+        const V p = P[b], ds = P[blocks + b];
+        #pragma GCC unroll 64
+        for (int64_t k = 0; k < d; ++k) acc[k] += p * gi[k] + ds * zi[k];
+      }
+      #pragma GCC unroll 64
+      for (int64_t k = 0; k < d; ++k) DX[b * d + k] = acc[k];
+    }
   }
 }
 
@@ -342,13 +376,13 @@ void backward_batch(ffi::ThreadPool& pool, const T* z, const T* x, const T* lw, 
   Aligned<T> partials(sp.tasks() * part);
   parallel_tasks(pool, sp.tasks(), [&](int64_t t) {
     int64_t b = t / sp.chunks, c = t % sp.chunks;
-    Aligned<T> xt(d * npad), lwt(npad);
+    Aligned<T> xt(d * npad), lwt(npad), s(2 * kTile * npad);
     transpose_keys(x + b * n * d, lw + b * n, n, d, npad, xt.p, lwt.p);
     T* dxt = partials.p + t * part;
     std::fill(dxt, dxt + part, T(0));
     backward_rows<T, D>(z + b * rows * d, g + b * rows * d, lse + b * rows, dd + b * rows, xt.p,
                         lwt.p, d, npad, sp.begin(c), sp.end(c), dz + b * rows * d, dxt,
-                        dxt + d * npad);
+                        dxt + d * npad, s.p);
   });
   for (int64_t b = 0; b < batch; ++b) {  // sum the partials of each sequence, back to (n, d)
     for (int64_t j = 0; j < n; ++j) {
