@@ -44,10 +44,10 @@ from jaxtyping import Array, Float
 from ._errors import InputError
 from ._flash import _backward, _forward
 from ._flow import check_compatible
-from ._native_attention import native_usable
 from ._heads import HeadMeasure, interpolate_cell, merged_query_key
+from ._native_attention import native_step_backward, native_step_forward, native_usable
 from ._risks import AbstractRisk
-from ._tokens import TokenBatch
+from ._tokens import TokenBatch, log_weights
 from ._units import Block
 
 
@@ -71,32 +71,49 @@ def euler_step(
 
 
 def _step_fwd(x, w, A, V, h, chunk_size, block_rows):
-    def one(x, w):
-        return _forward(x, w, A, V, chunk_size, block_rows)
+    B, n, d = x.shape
+    M = A.shape[0]
 
-    if native_usable(x.dtype, x.shape[-1]):  # one kernel call for the batch, threads across it
-        v, y, lse = jax.vmap(one)(x, w)
-    else:  # sequences one at a time: cache-sized blocks
-        v, y, lse = jax.lax.map(lambda xw: one(*xw), (x, w))
+    def xla(x, w, A, V):  # sequences one at a time: cache-sized blocks
+        v, y, lse = jax.lax.map(lambda xw: _forward(xw[0], xw[1], A, V, chunk_size, block_rows),
+                                (x, w))
+        return v, y, lse.reshape(B, n, M)
+
+    def native(x, w, A, V):  # one call: rows, queries and values formed in the kernel
+        return native_step_forward(x, log_weights(w), A, V)
+
+    if native_usable(x.dtype, d):
+        v, y, lse = jax.lax.platform_dependent(x, w, A, V, cpu=native, default=xla)
+    else:
+        v, y, lse = xla(x, w, A, V)
     return x + h * v, (x, w, A, V, y, lse)
 
 
 def _step_bwd(h, chunk_size, block_rows, res, g):
     x, w, A, V, y, lse = res
+    B, n, d = x.shape
 
-    def one(xi, wi, yi, li, gi):
-        return _backward(xi, wi, A, V, yi, li, h * gi, chunk_size, block_rows)
+    def xla(x, w, A, V, y, lse, g):
+        def step(carry, seq):  # sequences one at a time: cache-sized blocks, dA, dV accumulated
+            dA, dV = carry
+            xi, wi, yi, li, gi = seq
+            dx, dw, dAi, dVi = _backward(xi, wi, A, V, yi, li.reshape(-1), h * gi, chunk_size,
+                                         block_rows)
+            return (dA + dAi, dV + dVi), (dx, dw)
 
-    if native_usable(x.dtype, x.shape[-1]):
-        dx, dw, dA, dV = jax.vmap(one)(x, w, y, lse, g)
-        return g + dx, dw, dA.sum(0), dV.sum(0)
+        (dA, dV), (dx, dw) = jax.lax.scan(step, (jnp.zeros_like(A), jnp.zeros_like(V)),
+                                          (x, w, y, lse, g))
+        return dx, dw, dA, dV
 
-    def step(carry, seq):  # sequences one at a time: cache-sized blocks, dA and dV accumulated
-        dA, dV = carry
-        dx, dw, dAi, dVi = one(*seq)
-        return (dA + dAi, dV + dVi), (dx, dw)
+    def native(x, w, A, V, y, lse, g):
+        dx, dlw, dA, dV = native_step_backward(x, log_weights(w), A, V, y, lse, h * g)
+        pos = w > 0
+        return dx, jnp.where(pos, dlw / jnp.where(pos, w, 1), 0), dA, dV
 
-    (dA, dV), (dx, dw) = jax.lax.scan(step, (jnp.zeros_like(A), jnp.zeros_like(V)), (x, w, y, lse, g))
+    if native_usable(x.dtype, d):
+        dx, dw, dA, dV = jax.lax.platform_dependent(x, w, A, V, y, lse, g, cpu=native, default=xla)
+    else:
+        dx, dw, dA, dV = xla(x, w, A, V, y, lse, g)
     return g + dx, dw, dA, dV
 
 

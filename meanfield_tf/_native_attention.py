@@ -63,6 +63,10 @@ _TARGETS = {
     ("forward", np.dtype(np.float64)): "mft_flash_forward_f64",
     ("backward", np.dtype(np.float32)): "mft_flash_backward_f32",
     ("backward", np.dtype(np.float64)): "mft_flash_backward_f64",
+    ("step_forward", np.dtype(np.float32)): "mft_step_forward_f32",
+    ("step_forward", np.dtype(np.float64)): "mft_step_forward_f64",
+    ("step_backward", np.dtype(np.float32)): "mft_step_backward_f32",
+    ("step_backward", np.dtype(np.float64)): "mft_step_backward_f64",
 }
 
 
@@ -236,11 +240,6 @@ def native_usable(dtype, d: int) -> bool:
     return _load()
 
 
-def _platform_split(native_fn, xla_fn, *args):
-    """`native_fn(*args)` when lowered for the CPU, `xla_fn(*args)` anywhere else."""
-    return jax.lax.platform_dependent(*args, cpu=native_fn, default=xla_fn)
-
-
 def native_rows_forward(
     z: Float[Array, "*batch R d"], x: Float[Array, "*batch n d"], lw: Float[Array, "*batch n"]
 ) -> tuple[Float[Array, "*batch R d"], Float[Array, "*batch R"]]:
@@ -262,3 +261,35 @@ def native_rows_backward(z, x, lw, lse, gy, D):
                             vmap_method="broadcast_all")
     return call(z, x.astype(dtype), lw.astype(dtype), lse.astype(dtype), gy.astype(dtype),
                 D.astype(dtype))
+
+
+def native_step_forward(
+    x: Float[Array, "B n d"], lw: Float[Array, "B n"], A: Float[Array, "M d d"],
+    V: Float[Array, "M d d"],
+) -> tuple[Float[Array, "B n d"], Float[Array, "B n M d"], Float[Array, "B n M"]]:
+    r"""One Euler step's attention for the batch, in one native call: the velocity
+    $v_i = \frac1M\sum_m V_m y_{mi}$ `(B, n, d)`, the head means $y$ `(B, n, M, d)` and the row
+    log-sum-exps `(B, n, M)` of the queries $z_{mi} = A_m^\top x_i$ against keys = values $x$."""
+    B, n, d = x.shape
+    M = A.shape[0]
+    dtype = x.dtype
+    out = (jax.ShapeDtypeStruct((B, n, d), dtype), jax.ShapeDtypeStruct((B, n, M, d), dtype),
+           jax.ShapeDtypeStruct((B, n, M), dtype))
+    call = jax.ffi.ffi_call(_TARGETS[("step_forward", np.dtype(dtype))], out,
+                            vmap_method="sequential")
+    return call(x, lw.astype(dtype), A.astype(dtype), V.astype(dtype))
+
+
+def native_step_backward(x, lw, A, V, y, lse, g):
+    r"""Cotangents of `native_step_forward` for the velocity cotangent `g` `(B, n, d)`:
+    `dx` `(B, n, d)` (the query, key and value roles of the tokens), `dlw` `(B, n)` (of the
+    log-weights), `dA`, `dV` `(M, d, d)` (summed over the batch), from the saved `y`, `lse`."""
+    B, n, d = x.shape
+    M = A.shape[0]
+    dtype = x.dtype
+    out = (jax.ShapeDtypeStruct((B, n, d), dtype), jax.ShapeDtypeStruct((B, n), dtype),
+           jax.ShapeDtypeStruct((M, d, d), dtype), jax.ShapeDtypeStruct((M, d, d), dtype))
+    call = jax.ffi.ffi_call(_TARGETS[("step_backward", np.dtype(dtype))], out,
+                            vmap_method="sequential")
+    return call(x, lw.astype(dtype), A.astype(dtype), V.astype(dtype), y.astype(dtype),
+                lse.astype(dtype), g.astype(dtype))

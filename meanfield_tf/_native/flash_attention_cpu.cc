@@ -400,6 +400,198 @@ void backward_batch(ffi::ThreadPool& pool, const T* z, const T* x, const T* lw, 
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// One whole Euler step's attention for a batch: the rows are the (token, head) pairs z = A_m^T x_i
+// (token-major), formed here tile by tile, and the per-token products around the rows (the
+// velocity v_i = (1/M) sum_m V_m y_mi; in the backward gy = V_m^T g_i / M, D = gy . y, and the
+// query, dA and dV terms) are done in the same call: nothing of size B n M d goes through XLA.
+
+struct TokenSplit {  // tokens of each sequence in `chunks` pieces; tasks = batch * chunks
+  int64_t batch, n, chunks;
+  int64_t tasks() const { return batch * chunks; }
+  int64_t begin(int64_t c) const { return n * c / chunks; }
+  int64_t end(int64_t c) const { return n * (c + 1) / chunks; }
+};
+
+TokenSplit split_tokens(int64_t batch, int64_t n, int64_t heads, int64_t threads) {
+  int64_t want = std::max<int64_t>(1, (2 * std::max<int64_t>(threads, 1) + batch - 1) / batch);
+  int64_t chunks = std::max<int64_t>(1, std::min<int64_t>({want, n, n * heads / 64}));
+  return TokenSplit{batch, n, chunks};
+}
+
+constexpr int64_t kRowTile = 64;  // (token, head) rows formed at a time
+
+// The small per-(token, head) products, d x d: one SIMD register per matrix row when d equals
+// the vector width (the common case), plain loops otherwise.
+template <class T>
+inline typename Simd<T>::V load(const T* p) {
+  typename Simd<T>::V v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <class T>
+inline void store(T* p, typename Simd<T>::V v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// out = scale * (c^T Mx) (+ out when accumulating): out[e] = scale * sum_k c[k] Mx[k][e]
+template <class T, int D>
+inline void vecmat(const T* __restrict c, const T* __restrict Mx, int64_t d_in, T scale,
+                   bool accumulate, T* __restrict out) {
+  typedef typename Simd<T>::V V;
+  if constexpr (D == Simd<T>::W) {
+    V acc = V{};
+    #pragma GCC unroll 64
+    for (int k = 0; k < D; ++k) acc += c[k] * load<T>(Mx + k * D);
+    acc *= scale;
+    store<T>(out, accumulate ? load<T>(out) + acc : acc);
+  } else {
+    const int64_t d = D > 0 ? D : d_in;
+    for (int64_t e = 0; e < d; ++e) {
+      T acc = 0;
+      for (int64_t k = 0; k < d; ++k) acc += c[k] * Mx[k * d + e];
+      out[e] = accumulate ? out[e] + scale * acc : scale * acc;
+    }
+  }
+}
+
+// Mx += scale * a b^T
+template <class T, int D>
+inline void outer_add(const T* __restrict a, const T* __restrict b, int64_t d_in, T scale,
+                      T* __restrict Mx) {
+  if constexpr (D == Simd<T>::W) {
+    const typename Simd<T>::V bv = load<T>(b) * scale;
+    #pragma GCC unroll 64
+    for (int k = 0; k < D; ++k) store<T>(Mx + k * D, load<T>(Mx + k * D) + a[k] * bv);
+  } else {
+    const int64_t d = D > 0 ? D : d_in;
+    for (int64_t k = 0; k < d; ++k)
+      for (int64_t e = 0; e < d; ++e) Mx[k * d + e] += scale * a[k] * b[e];
+  }
+}
+
+template <class T>
+std::vector<T> transposed(const T* Mx, int64_t heads, int64_t d) {  // per head, (d, d)^T
+  std::vector<T> t(heads * d * d);
+  for (int64_t m = 0; m < heads; ++m)
+    for (int64_t a = 0; a < d; ++a)
+      for (int64_t b = 0; b < d; ++b) t[(m * d + b) * d + a] = Mx[(m * d + a) * d + b];
+  return t;
+}
+
+template <class T, int D>
+void step_forward_batch(ffi::ThreadPool& pool, const T* x, const T* lw, const T* A, const T* V,
+                        int64_t batch, int64_t n, int64_t heads, int64_t d_in, T* v, T* y,
+                        T* lse) {
+  constexpr int W = Simd<T>::W;
+  const int64_t d = D > 0 ? D : d_in;  // compile-time for the common sizes: vectorised loops
+  const int64_t npad = (n + kUnroll * W - 1) / (kUnroll * W) * (kUnroll * W);
+  const int64_t tt = std::max<int64_t>(1, kRowTile / heads);  // tokens per tile
+  TokenSplit sp = split_tokens(batch, n, heads, pool.num_threads());
+  const std::vector<T> vt = transposed(V, heads, d);  // v_i = (1/M) sum_m y_mi^T V_m^T
+  const T inv_m = T(1) / T(heads);
+  parallel_tasks(pool, sp.tasks(), [&](int64_t t) {
+    int64_t b = t / sp.chunks, c = t % sp.chunks;
+    Aligned<T> xt(d * npad), lwt(npad), s(npad), z(tt * heads * d);
+    const T* xb = x + b * n * d;
+    transpose_keys(xb, lw + b * n, n, d, npad, xt.p, lwt.p);
+    for (int64_t i0 = sp.begin(c); i0 < sp.end(c); i0 += tt) {
+      const int64_t i1 = std::min(i0 + tt, sp.end(c));
+      for (int64_t i = i0; i < i1; ++i)  // queries z_mi = A_m^T x_i
+        for (int64_t m = 0; m < heads; ++m)
+          vecmat<T, D>(xb + i * d, A + m * d * d, d, T(1), false, z.p + ((i - i0) * heads + m) * d);
+      T* yt = y + (b * n + i0) * heads * d;
+      forward_rows<T, D>(z.p, xt.p, lwt.p, d, npad, 0, (i1 - i0) * heads, s.p, yt,
+                         lse + (b * n + i0) * heads);
+      for (int64_t i = i0; i < i1; ++i)
+        for (int64_t m = 0; m < heads; ++m)
+          vecmat<T, D>(yt + ((i - i0) * heads + m) * d, vt.data() + m * d * d, d, inv_m, m > 0,
+                       v + (b * n + i) * d);
+    }
+  });
+}
+
+template <class T, int D>
+void step_backward_batch(ffi::ThreadPool& pool, const T* x, const T* lw, const T* A, const T* V,
+                         const T* y, const T* lse, const T* g, int64_t batch, int64_t n,
+                         int64_t heads, int64_t d_in, T* dx, T* dlw, T* dA, T* dV) {
+  constexpr int W = Simd<T>::W;
+  const int64_t d = D > 0 ? D : d_in;
+  const int64_t npad = (n + kUnroll * W - 1) / (kUnroll * W) * (kUnroll * W);
+  const int64_t tt = std::max<int64_t>(1, kRowTile / heads);
+  TokenSplit sp = split_tokens(batch, n, heads, pool.num_threads());
+  const int64_t part = (d + 1) * npad;      // one task's key and log-weight cotangents
+  const int64_t hpart = 2 * heads * d * d;  // one task's dA and dV
+  Aligned<T> partials(sp.tasks() * part), hpartials(sp.tasks() * hpart);
+  const T inv_m = T(1) / T(heads);
+  const std::vector<T> at = transposed(A, heads, d);
+  parallel_tasks(pool, sp.tasks(), [&](int64_t t) {
+    int64_t b = t / sp.chunks, c = t % sp.chunks;
+    const int64_t rt = tt * heads;
+    Aligned<T> xt(d * npad), lwt(npad), s(2 * kTile * npad);
+    Aligned<T> z(rt * d), gy(rt * d), dd(rt), dz(rt * d);
+    const T* xb = x + b * n * d;
+    transpose_keys(xb, lw + b * n, n, d, npad, xt.p, lwt.p);
+    T* dxt = partials.p + t * part;
+    std::fill(dxt, dxt + part, T(0));
+    T* dAt = hpartials.p + t * hpart;
+    T* dVt = dAt + heads * d * d;
+    std::fill(dAt, dAt + hpart, T(0));
+    for (int64_t i0 = sp.begin(c); i0 < sp.end(c); i0 += tt) {
+      const int64_t i1 = std::min(i0 + tt, sp.end(c));
+      const int64_t rows = (i1 - i0) * heads;
+      const T* yt = y + (b * n + i0) * heads * d;
+      for (int64_t i = i0; i < i1; ++i) {
+        const T* gi = g + (b * n + i) * d;
+        for (int64_t m = 0; m < heads; ++m) {  // z = A_m^T x_i, gy = V_m^T g_i / M, D = gy . y
+          const int64_t r = (i - i0) * heads + m;
+          vecmat<T, D>(xb + i * d, A + m * d * d, d, T(1), false, z.p + r * d);
+          vecmat<T, D>(gi, V + m * d * d, d, inv_m, false, gy.p + r * d);
+          T dot = 0;
+          for (int64_t k = 0; k < d; ++k) dot += gy.p[r * d + k] * yt[r * d + k];
+          dd.p[r] = dot;
+        }
+      }
+      backward_rows<T, D>(z.p, gy.p, lse + (b * n + i0) * heads, dd.p, xt.p, lwt.p, d, npad, 0,
+                          rows, dz.p, dxt, dxt + d * npad, s.p);
+      for (int64_t i = i0; i < i1; ++i) {  // query role of x_i, dA and dV
+        const T* xi = xb + i * d;
+        const T* gi = g + (b * n + i) * d;
+        T* dxi = dx + (b * n + i) * d;
+        for (int64_t m = 0; m < heads; ++m) {
+          const int64_t r = (i - i0) * heads + m;
+          const T* dzr = dz.p + r * d;
+          vecmat<T, D>(dzr, at.data() + m * d * d, d, T(1), m > 0, dxi);  // A_m dz
+          outer_add<T, D>(xi, dzr, d, T(1), dAt + m * d * d);              // x_i dz^T
+          outer_add<T, D>(gi, yt + r * d, d, inv_m, dVt + m * d * d);      // g_i y^T / M
+        }
+      }
+    }
+  });
+  for (int64_t b = 0; b < batch; ++b) {  // key and value roles: the partials of each sequence
+    for (int64_t j = 0; j < n; ++j) {
+      for (int64_t k = 0; k < d; ++k) {
+        T acc = 0;
+        for (int64_t c = 0; c < sp.chunks; ++c)
+          acc += partials.p[(b * sp.chunks + c) * part + (j / W) * d * W + k * W + j % W];
+        dx[(b * n + j) * d + k] += acc;
+      }
+      T acc = 0;
+      for (int64_t c = 0; c < sp.chunks; ++c) acc += partials.p[(b * sp.chunks + c) * part + d * npad + j];
+      dlw[b * n + j] = acc;
+    }
+  }
+  std::fill(dA, dA + heads * d * d, T(0));
+  std::fill(dV, dV + heads * d * d, T(0));
+  for (int64_t t = 0; t < sp.tasks(); ++t) {
+    const T* h = hpartials.p + t * hpart;
+    for (int64_t a = 0; a < heads * d * d; ++a) {
+      dA[a] += h[a];
+      dV[a] += h[heads * d * d + a];
+    }
+  }
+}
+
 template <class T, template <class, int> class Fn, class... Args>
 bool dispatch_d(int64_t d, Args&&... args) {
   switch (d) {
@@ -420,6 +612,13 @@ template <class T, int D> struct Forward {
 };
 template <class T, int D> struct Backward {
   template <class... A> static void run(A&&... a) { backward_batch<T, D>(a...); }
+};
+
+template <class T, int D> struct StepForward {
+  template <class... A> static void run(A&&... a) { step_forward_batch<T, D>(a...); }
+};
+template <class T, int D> struct StepBackward {
+  template <class... A> static void run(A&&... a) { step_backward_batch<T, D>(a...); }
 };
 
 // Leading dimensions of z (..., R, d), x (..., n, d) are one batch axis of their product.
@@ -468,6 +667,47 @@ ffi::Error backward_impl(ffi::ThreadPool pool, ffi::Buffer<DT> z, ffi::Buffer<DT
   return ffi::Error::Success();
 }
 
+// x (B, n, d), lw (B, n), A and V (M, d, d).
+template <class Dims>
+std::optional<Shape> step_shape(const Dims& xd, const Dims& ad, const Dims& vd) {
+  if (xd.size() != 3 || ad.size() != 3 || vd.size() != 3) return std::nullopt;
+  if (ad[1] != xd[2] || ad[2] != xd[2] || vd[0] != ad[0] || vd[1] != xd[2] || vd[2] != xd[2])
+    return std::nullopt;
+  return Shape{xd[0], ad[0], xd[1], xd[2]};  // rows holds the number of heads
+}
+
+template <ffi::DataType DT>
+ffi::Error step_forward_impl(ffi::ThreadPool pool, ffi::Buffer<DT> x, ffi::Buffer<DT> lw,
+                             ffi::Buffer<DT> A, ffi::Buffer<DT> V, ffi::ResultBuffer<DT> v,
+                             ffi::ResultBuffer<DT> y, ffi::ResultBuffer<DT> lse) {
+  typedef ffi::NativeType<DT> T;
+  auto s = step_shape(x.dimensions(), A.dimensions(), V.dimensions());
+  if (!s) return ffi::Error::InvalidArgument("step forward: expected x (B, n, d), A, V (M, d, d)");
+  if (!dispatch_d<T, StepForward>(s->d, pool, x.typed_data(), lw.typed_data(), A.typed_data(),
+                                  V.typed_data(), s->batch, s->n, s->rows, s->d, v->typed_data(),
+                                  y->typed_data(), lse->typed_data()))
+    return ffi::Error::InvalidArgument("step forward: d must be in [1, 64]");
+  return ffi::Error::Success();
+}
+
+template <ffi::DataType DT>
+ffi::Error step_backward_impl(ffi::ThreadPool pool, ffi::Buffer<DT> x, ffi::Buffer<DT> lw,
+                              ffi::Buffer<DT> A, ffi::Buffer<DT> V, ffi::Buffer<DT> y,
+                              ffi::Buffer<DT> lse, ffi::Buffer<DT> g, ffi::ResultBuffer<DT> dx,
+                              ffi::ResultBuffer<DT> dlw, ffi::ResultBuffer<DT> dA,
+                              ffi::ResultBuffer<DT> dV) {
+  typedef ffi::NativeType<DT> T;
+  auto s = step_shape(x.dimensions(), A.dimensions(), V.dimensions());
+  if (!s) return ffi::Error::InvalidArgument("step backward: expected x (B, n, d), A, V (M, d, d)");
+  if (!dispatch_d<T, StepBackward>(s->d, pool, x.typed_data(), lw.typed_data(), A.typed_data(),
+                                   V.typed_data(), y.typed_data(), lse.typed_data(),
+                                   g.typed_data(), s->batch, s->n, s->rows, s->d,
+                                   dx->typed_data(), dlw->typed_data(), dA->typed_data(),
+                                   dV->typed_data()))
+    return ffi::Error::InvalidArgument("step backward: d must be in [1, 64]");
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 #define MFT_FORWARD(NAME, DT)                                                              \
@@ -497,3 +737,35 @@ MFT_FORWARD(mft_flash_forward_f32, ffi::F32)
 MFT_FORWARD(mft_flash_forward_f64, ffi::F64)
 MFT_BACKWARD(mft_flash_backward_f32, ffi::F32)
 MFT_BACKWARD(mft_flash_backward_f64, ffi::F64)
+
+#define MFT_STEP_FORWARD(NAME, DT)                                                         \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(NAME, step_forward_impl<DT>,                               \
+                                ffi::Ffi::Bind()                                           \
+                                    .Ctx<ffi::ThreadPool>()                                \
+                                    .Arg<ffi::Buffer<DT>>()                                \
+                                    .Arg<ffi::Buffer<DT>>()                                \
+                                    .Arg<ffi::Buffer<DT>>()                                \
+                                    .Arg<ffi::Buffer<DT>>()                                \
+                                    .Ret<ffi::Buffer<DT>>()                                \
+                                    .Ret<ffi::Buffer<DT>>()                                \
+                                    .Ret<ffi::Buffer<DT>>());
+#define MFT_STEP_BACKWARD(NAME, DT)                                                        \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(NAME, step_backward_impl<DT>,                              \
+                                ffi::Ffi::Bind()                                           \
+                                    .Ctx<ffi::ThreadPool>()                                \
+                                    .Arg<ffi::Buffer<DT>>()                                \
+                                    .Arg<ffi::Buffer<DT>>()                                \
+                                    .Arg<ffi::Buffer<DT>>()                                \
+                                    .Arg<ffi::Buffer<DT>>()                                \
+                                    .Arg<ffi::Buffer<DT>>()                                \
+                                    .Arg<ffi::Buffer<DT>>()                                \
+                                    .Arg<ffi::Buffer<DT>>()                                \
+                                    .Ret<ffi::Buffer<DT>>()                                \
+                                    .Ret<ffi::Buffer<DT>>()                                \
+                                    .Ret<ffi::Buffer<DT>>()                                \
+                                    .Ret<ffi::Buffer<DT>>());
+
+MFT_STEP_FORWARD(mft_step_forward_f32, ffi::F32)
+MFT_STEP_FORWARD(mft_step_forward_f64, ffi::F64)
+MFT_STEP_BACKWARD(mft_step_backward_f32, ffi::F32)
+MFT_STEP_BACKWARD(mft_step_backward_f64, ffi::F64)
