@@ -10,6 +10,9 @@
 # The CUDA runtime, cuDNN and NCCL come from NVIDIA's pip wheels (requirements/pinned-cuda.txt);
 # the host needs only the NVIDIA driver and the NVIDIA Container Toolkit (`--gpus all`).
 # The install step is scripts/install_pinned.sh, the same script used without Docker.
+# The slim base has no C++ compiler: on the CPU the image runs XLA's attention path, not the
+# native kernel that meanfield_tf compiles on first use where g++ exists (see docs/performance.md;
+# each run's manifest.json records which path ran).
 
 ARG PYTHON_IMAGE=python:3.11.7-slim-bookworm
 FROM ${PYTHON_IMAGE}

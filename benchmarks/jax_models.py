@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 import meanfield_tf as mf
-from meanfield_tf import attention_velocity
+from meanfield_tf import attention_velocity, native_kernels
 
 
 def _loss(x1):
@@ -51,15 +51,24 @@ def fused_chunk(n: int) -> int | None:
 
 
 class Fused:
-    """The fused discrete adjoint: `euler_flow` forward, `jax.value_and_grad` through it."""
+    """The fused discrete adjoint: `euler_flow` forward, `jax.value_and_grad` through it.
+
+    `mode`: the native CPU kernel's mode while the contender is traced — `"auto"` (the default
+    path: the native kernel on the CPU when it builds) or `"off"` (XLA's blocks, for reference).
+    """
+
+    def __init__(self, mode: str = "auto"):
+        self.mode = mode
 
     def velocity(self, x, w, A, V):
-        return attention_velocity(mf.ChunkedKernel(fused_chunk(x.shape[1]) or x.shape[1]),
-                                  x, w, A[0], V[0])
+        with native_kernels(self.mode):
+            return attention_velocity(mf.ChunkedKernel(fused_chunk(x.shape[1]) or x.shape[1]),
+                                      x, w, A[0], V[0])
 
     def forward(self, A, V, x, w):
         heads = mf.HeadMeasure(A=A, V=V, check=False)
-        return mf.euler_flow(heads, x, w, chunk_size=fused_chunk(x.shape[1]))
+        with native_kernels(self.mode):
+            return mf.euler_flow(heads, x, w, chunk_size=fused_chunk(x.shape[1]))
 
     def loss_and_grad(self, A, V, x, w):
         return jax.value_and_grad(lambda A, V: _loss(self.forward(A, V, x, w)), argnums=(0, 1))(A, V)
@@ -104,6 +113,7 @@ def contenders(chunk_size: int | None = None) -> dict:
         "ours-dense": Ours(mf.DenseKernel()),
         "ours-chunked": Ours(chunked),
         "ours-fused": Fused(),
+        "ours-fused-xla": Fused("off"),
         "naive-jax": Loop(naive_velocity),
         "jax-dpa": Loop(dpa_velocity),
     }

@@ -42,6 +42,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import meanfield_tf as mf
+from meanfield_tf._native_attention import scratch_bytes
+
 from . import jax_models, roofline, torch_models, torch_sdpa
 
 # name: (B, n, d, L, M)
@@ -66,7 +69,8 @@ KEY_CONTENDERS = ("ours-chunked", "ours-fused", "torch-sdpa")
 MIN_KEY_REPEATS = 3
 THREADS = 2  # PyTorch's intra-op threads: the same as XLA's CPU client on this 2-core machine
 # who runs where: the dense-score peers are skipped at large n except for the dense kernel itself
-LARGE_CONTENDERS = ("ours-dense", "ours-chunked", "ours-fused", "naive-jax", "torch-sdpa")
+LARGE_CONTENDERS = ("ours-dense", "ours-chunked", "ours-fused", "ours-fused-xla", "naive-jax",
+                    "torch-sdpa")
 
 
 def parse_size(text: str, table: dict) -> tuple[str, tuple]:
@@ -210,7 +214,9 @@ def markdown(rows, machine):
            f"{machine['matmul_flops_per_s_end'] / 1e9:.1f} GFLOP/s, "
            f"{machine['exp_per_s_end'] / 1e9:.2f} G/s at end (the roofline column uses the "
            f"faster of each); load average at start/end "
-           f"{machine['load_start']} / {machine['load_end']}.\n\n")
+           f"{machine['load_start']} / {machine['load_end']}. Native CPU attention kernel: "
+           f"{'in use' if machine.get('native_kernel', {}).get('available') else 'not in use'}"
+           f" (`ours-fused`; `ours-fused-xla` is the same path on XLA's blocks).\n\n")
     return top + head + "\n".join(lines) + "\n"
 
 
@@ -344,6 +350,11 @@ def main(argv=None):
     machine.update(cpus=os.cpu_count(), load_start=tuple(round(v, 1) for v in os.getloadavg()),
                    platform=platform.platform(), jax=jax.__version__,
                    device=str(jax.devices()[0]))
+    status = mf.native_kernel_status()  # builds the kernel now, not inside a timed call
+    machine["native_kernel"] = {"available": status.available, "mode": status.mode,
+                                "reason": status.reason}
+    print(f"native CPU attention kernel: {'in use' if status.available else status.reason}",
+          flush=True)
     print(f"roofline: matmul {machine['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s, "
           f"exp {machine['exp_per_s'] / 1e9:.2f} G/s", flush=True)
 
@@ -387,6 +398,12 @@ def main(argv=None):
                         row["kv"] = model.kv
                 else:
                     info, call, warm = prepare_jax(model, task, *data)
+                    if name == "ours-fused" and mf.native_kernel_status().available:
+                        # the native kernel's own scratch is outside XLA's memory analysis
+                        kind = {"velocity": "rows_forward", "forward": "step_forward",
+                                "grad": "step_backward"}[task]
+                        info["peak_bytes"] += scratch_bytes(kind, B, n, d, M, 4, os.cpu_count())
+                        info["memory_source"] = "xla temp+output + native scratch"
                 row.update(info)
                 entries.append((row, call, warm))
                 print(f"{size:6s} {name:22s} {task:8s} ready (warm-up {warm:.3f} s)", flush=True)

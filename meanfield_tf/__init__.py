@@ -52,6 +52,7 @@ from ._gradients import risk_and_gradient as risk_and_gradient
 from ._heads import HeadMeasure as HeadMeasure
 from ._native_attention import NativeKernelStatus as NativeKernelStatus
 from ._native_attention import native_kernel_status as native_kernel_status
+from ._native_attention import native_kernels as native_kernels
 from ._native_attention import set_native_kernels as set_native_kernels
 from ._heads import gaussian_heads as gaussian_heads
 from ._heads import symmetric_heads as symmetric_heads

@@ -45,7 +45,8 @@ from ._errors import InputError
 from ._flash import _backward, _forward
 from ._flow import check_compatible
 from ._heads import HeadMeasure, interpolate_cell, merged_query_key
-from ._native_attention import native_step_backward, native_step_forward, native_usable
+from ._native_attention import (native_mode, native_step_backward, native_step_forward,
+                                native_usable, on_cpu)
 from ._risks import AbstractRisk
 from ._tokens import TokenBatch, log_weights
 from ._units import Block
@@ -83,7 +84,7 @@ def _step_fwd(x, w, A, V, h, chunk_size, block_rows):
         return native_step_forward(x, log_weights(w), A, V)
 
     if native_usable(x.dtype, d):
-        v, y, lse = jax.lax.platform_dependent(x, w, A, V, cpu=native, default=xla)
+        v, y, lse = on_cpu(native, xla, x, w, A, V)
     else:
         v, y, lse = xla(x, w, A, V)
     return x + h * v, (x, w, A, V, y, lse)
@@ -111,7 +112,7 @@ def _step_bwd(h, chunk_size, block_rows, res, g):
         return dx, jnp.where(pos, dlw / jnp.where(pos, w, 1), 0), dA, dV
 
     if native_usable(x.dtype, d):
-        dx, dw, dA, dV = jax.lax.platform_dependent(x, w, A, V, y, lse, g, cpu=native, default=xla)
+        dx, dw, dA, dV = on_cpu(native, xla, x, w, A, V, y, lse, g)
     else:
         dx, dw, dA, dV = xla(x, w, A, V, y, lse, g)
     return g + dx, dw, dA, dV
@@ -187,11 +188,12 @@ def euler_flow(
     _check_options(steps_per_layer, chunk_size, block_rows)
     check_compatible(heads, TokenBatch(x, w, check=False))
     return _jit_flow(heads.params, heads.interpolation, x, w, steps_per_layer, chunk_size,
-                     block_rows, block)
+                     block_rows, block, native_mode())
 
 
-@functools.partial(jax.jit, static_argnums=(1, 4, 5, 6, 7))
-def _jit_flow(params, interpolation, x, w, k, chunk_size, block_rows, block):
+@functools.partial(jax.jit, static_argnums=(1, 4, 5, 6, 7, 8))
+def _jit_flow(params, interpolation, x, w, k, chunk_size, block_rows, block, native):
+    del native  # read again at trace time; a static argument so that each mode has its trace
     return _flow_params(params, interpolation, x, w, k, chunk_size, block_rows, block)
 
 
@@ -237,7 +239,8 @@ def euler_risk_and_gradient(
     check_compatible(heads, tokens)
     risk.validate(tokens)
     loss, grads, dx = _risk_and_gradient(heads.params, heads.interpolation, tokens, risk,
-                                         steps_per_layer, chunk_size, block_rows, block)
+                                         steps_per_layer, chunk_size, block_rows, block,
+                                         native_mode())
     scale = heads.mean_field_scale()
     grads = {name: scale[name] * g for name, g in grads.items()}
     return (loss, grads, dx) if wrt_tokens else (loss, grads)
@@ -245,7 +248,8 @@ def euler_risk_and_gradient(
 
 @eqx.filter_jit
 def _risk_and_gradient(params, interpolation, tokens, risk, k, chunk_size, block_rows,
-                       block=Block()):
+                       block=Block(), native="auto"):
+    del native  # static (a string): one trace per native-kernel mode
     def loss_fn(params, x):
         x1 = _flow_params(params, interpolation, x, tokens.w, k, chunk_size, block_rows, block)
         return risk(x1, tokens.w)

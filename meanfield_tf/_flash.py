@@ -39,7 +39,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from ._native_attention import native_rows_backward, native_rows_forward, native_usable
+from ._native_attention import (native_rows_backward, native_rows_forward, native_usable,
+                                on_cpu)
 from ._tokens import log_weights
 
 
@@ -152,8 +153,7 @@ def _rows_forward(z, x, w, chunk_size, block_rows, native=True):
         return y.reshape(-1, d)[:rows], lse.reshape(-1)[:rows]
 
     if native and native_usable(z.dtype, d):
-        return jax.lax.platform_dependent(
-            z, x, w, cpu=lambda z, x, w: native_rows_forward(z, x, log_weights(w)), default=xla)
+        return on_cpu(lambda z, x, w: native_rows_forward(z, x, log_weights(w)), xla, z, x, w)
     return xla(z, x, w)
 
 
@@ -221,7 +221,7 @@ def _rows_backward(z, gy, D, lse, x, w, chunk_size, block_rows):
         return dz.T, dx, dlw
 
     if native_usable(z.dtype, d):
-        return jax.lax.platform_dependent(z, gy, D, lse, x, w, cpu=native, default=xla)
+        return on_cpu(native, xla, z, gy, D, lse, x, w)
     return xla(z, gy, D, lse, x, w)
 
 

@@ -29,12 +29,14 @@ cache key includes the CPU's feature flags.
 - `"on"`: the same, but a failed build raises `InputError` with the compiler's message;
 - `"off"`: always the XLA path.
 
-Only the CPU is affected: under `jax.lax.platform_dependent`, GPU and TPU lowerings keep the
-XLA path.
+Only the CPU is affected (`on_cpu`): on a machine without an accelerator the native branch is
+the only one traced; where JAX's default backend is a GPU or TPU, `jax.lax.platform_dependent`
+keeps XLA's blocks for those lowerings and the kernel for computations placed on the CPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import hashlib
@@ -111,6 +113,21 @@ def set_native_kernels(mode: str) -> str:
     if mode != previous:
         jax.clear_caches()
     return previous
+
+
+@contextlib.contextmanager
+def native_kernels(mode: str):
+    """`with native_kernels("off"): ...` — the mode for the functions traced inside the block
+    (and restored after). It does not clear JAX's caches: use it around a first trace (as the
+    benchmarks do), or use `set_native_kernels` for a lasting change."""
+    if mode not in MODES:
+        raise InputError(f"native kernel mode must be one of {', '.join(MODES)}, got {mode!r}")
+    previous = native_mode()
+    _state["mode"] = mode
+    try:
+        yield
+    finally:
+        _state["mode"] = previous
 
 
 def native_mode() -> str:
@@ -240,6 +257,16 @@ def native_usable(dtype, d: int) -> bool:
     return _load()
 
 
+def on_cpu(native_fn, xla_fn, *args):
+    """`native_fn(*args)` where the computation runs on the CPU, `xla_fn(*args)` elsewhere.
+
+    Without an accelerator (JAX's default backend is the CPU) only the native branch is traced;
+    otherwise `jax.lax.platform_dependent` picks the branch when the computation is lowered."""
+    if jax.default_backend() == "cpu":
+        return native_fn(*args)
+    return jax.lax.platform_dependent(*args, cpu=native_fn, default=xla_fn)
+
+
 def native_rows_forward(
     z: Float[Array, "*batch R d"], x: Float[Array, "*batch n d"], lw: Float[Array, "*batch n"]
 ) -> tuple[Float[Array, "*batch R d"], Float[Array, "*batch R"]]:
@@ -293,3 +320,28 @@ def native_step_backward(x, lw, A, V, y, lse, g):
                             vmap_method="sequential")
     return call(x, lw.astype(dtype), A.astype(dtype), V.astype(dtype), y.astype(dtype),
                 lse.astype(dtype), g.astype(dtype))
+
+
+def scratch_bytes(kind: str, B: int, n: int, d: int, M: int, itemsize: int,
+                  threads: int) -> int:
+    """Bytes the native kernel allocates outside XLA's buffers during one call (an upper bound,
+    mirroring `flash_attention_cpu.cc`): `kind` is `"rows_forward"`, `"step_forward"` or
+    `"step_backward"`; `threads` is the size of XLA's intra-op pool (the CPU count). All of it
+    is linear in `n`: transposed keys, score rows, and per-task key cotangents."""
+    W = 64 // itemsize
+    npad = -(-n // (4 * W)) * (4 * W)
+    want = max(1, -(-2 * max(threads, 1) // B))
+    if kind == "rows_forward":
+        per_task = d * npad + 2 * npad
+        return itemsize * threads * per_task
+    tt = max(1, 64 // M)
+    rt = tt * M
+    chunks = max(1, min(want, n, n * M // 64))
+    tasks = B * chunks
+    if kind == "step_forward":
+        return itemsize * (M * d * d + threads * (d * npad + 2 * npad + rt * d))
+    if kind == "step_backward":
+        per_task = d * npad + npad + 2 * 16 * npad + 3 * rt * d + rt
+        shared = tasks * ((d + 1) * npad + 2 * M * d * d) + M * d * d
+        return itemsize * (shared + threads * per_task)
+    raise InputError(f"kind must be rows_forward, step_forward or step_backward, got {kind!r}")

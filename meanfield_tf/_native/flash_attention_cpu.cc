@@ -20,6 +20,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <vector>
@@ -143,32 +144,48 @@ void hsum_many(typename Simd<T>::V* acc, int64_t d, T* out) {
   }
 }
 
-// Run body(t) for t in [0, tasks) on the caller and the intra-op pool; returns when all are done.
+// Run body(t) for t in [0, tasks) on the caller and XLA's intra-op pool; returns when all are
+// done.  The caller never waits for a helper that has not started: XLA may run two of these calls
+// at once on the pool's own threads, and waiting for a helper queued behind a busy pool would
+// deadlock.  A helper that starts after the caller has finished the tasks returns at once (the
+// shared state it checks is reference-counted, so it outlives the call).
+struct TaskState {
+  std::atomic<int64_t> next{0};
+  std::mutex mu;
+  std::condition_variable cv;
+  int64_t started = 0, finished = 0;
+  bool closed = false;
+};
+
 template <class F>
 void parallel_tasks(ffi::ThreadPool& pool, int64_t tasks, F body) {
-  // the caller works too: with the pool's own threads that would be one thread per core, plus one
+  // the caller works too: with the pool's threads minus one, one thread per core
   int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, tasks - 1);
   if (helpers <= 0) {
     for (int64_t t = 0; t < tasks; ++t) body(t);
     return;
   }
-  std::atomic<int64_t> next{0};
-  std::mutex mu;
-  std::condition_variable cv;
-  int64_t finished = 0;
-  auto work = [&]() {
-    for (int64_t t; (t = next.fetch_add(1)) < tasks;) body(t);
+  auto state = std::make_shared<TaskState>();
+  auto work = [&body, tasks](TaskState& st) {
+    for (int64_t t; (t = st.next.fetch_add(1)) < tasks;) body(t);
   };
   for (int64_t h = 0; h < helpers; ++h) {
-    pool.Schedule([&]() {
-      work();
-      std::lock_guard<std::mutex> lock(mu);
-      if (++finished == helpers) cv.notify_one();
+    pool.Schedule([state, work]() {
+      {
+        std::lock_guard<std::mutex> lock(state->mu);
+        if (state->closed) return;  // the call is over: body may no longer exist
+        ++state->started;
+      }
+      work(*state);
+      std::lock_guard<std::mutex> lock(state->mu);
+      ++state->finished;
+      state->cv.notify_all();
     });
   }
-  work();
-  std::unique_lock<std::mutex> lock(mu);
-  cv.wait(lock, [&] { return finished == helpers; });
+  work(*state);
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->closed = true;  // from now on no helper starts
+  state->cv.wait(lock, [&] { return state->finished == state->started; });
 }
 
 template <class T>
