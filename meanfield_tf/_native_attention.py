@@ -69,6 +69,7 @@ _TARGETS = {
     ("step_forward", np.dtype(np.float64)): "mft_step_forward_f64",
     ("step_backward", np.dtype(np.float32)): "mft_step_backward_f32",
     ("step_backward", np.dtype(np.float64)): "mft_step_backward_f64",
+    ("exp", np.dtype(np.float32)): "mft_exp_rate_f32",
 }
 
 
@@ -345,3 +346,11 @@ def scratch_bytes(kind: str, B: int, n: int, d: int, M: int, itemsize: int,
         shared = tasks * ((d + 1) * npad + 2 * M * d * d) + M * d * d
         return itemsize * (shared + threads * per_task)
     raise InputError(f"kind must be rows_forward, step_forward or step_backward, got {kind!r}")
+
+
+def native_exp_neg_abs(x: Float[Array, "..."], reps: int = 1) -> Float[Array, "..."]:
+    """`reps` times `x <- exp(-|x|)` on a float32 array, by the kernel's own vectorised `exp`
+    (for measuring this CPU's exp throughput: `benchmarks/roofline.py`)."""
+    call = jax.ffi.ffi_call(_TARGETS[("exp", np.dtype(np.float32))],
+                            jax.ShapeDtypeStruct(x.shape, jnp.float32), vmap_method="sequential")
+    return call(x.astype(jnp.float32), reps=np.int64(reps))

@@ -277,3 +277,16 @@ def test_concurrent_calls_on_four_devices():
                       timeout=180)  # a deadlock raises TimeoutExpired
     assert out.returncode == 0, out.stderr
     assert "DONE True" in out.stdout
+
+
+def test_exp_rate_kernel_matches_numpy():
+    """The exp used to measure the roofline is the kernels' exp: exp(-|x|) repeated, to float32
+    rounding (its arguments sweep [-20, 0] and the tail that is not a whole vector)."""
+    x = np.linspace(-20.0, 20.0, 16 * 97 + 5).astype(np.float32)
+    ref = x.astype(np.float64)
+    for _ in range(3):
+        ref = np.exp(-np.abs(ref))
+    got = np.asarray(native.native_exp_neg_abs(jnp.asarray(x), 3))
+    assert np.abs(got - ref).max() <= 4 * np.finfo(np.float32).eps * np.abs(ref).max()
+    one = np.asarray(native.native_exp_neg_abs(jnp.asarray(x), 1))
+    assert rel_err(one, np.exp(-np.abs(x.astype(np.float64)))) < 3e-7
