@@ -47,6 +47,7 @@ from ._errors import InputError
 from ._euler_adjoint import _risk_and_gradient as _fused
 from ._flow import AttentionField, check_compatible
 from ._heads import HeadMeasure
+from ._native_attention import native_mode
 from ._risks import AbstractRisk
 from ._sharding import constrain_like_heads
 from ._solvers import DepthSolver
@@ -94,7 +95,8 @@ class Autodiff(AbstractGradientMethod):
         chunks = solver.kernel.fused_chunks() if fusable else None
         if chunks is not None:
             loss, grads, _ = _fused(heads.params, heads.interpolation, tokens, risk,
-                                    solver.stepping.steps_per_layer, *chunks, solver.block)
+                                    solver.stepping.steps_per_layer, *chunks, solver.block,
+                                    native_mode())
             scale = heads.mean_field_scale()
             return loss, like_heads(heads, {k: scale[k] * g for k, g in grads.items()})
         return _through_solve(heads, tokens, risk, self.adjoint, solver)
