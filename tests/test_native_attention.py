@@ -64,9 +64,11 @@ def _log_w(w):
 
 
 # d = 16 and 2 are compiled specialisations; 1, 3, 17 and 64 the run-time-d path; n = 1, 13,
-# 70 and 129 are not multiples of the 64-key padding
+# 70 and 129 are not multiples of the 64-key padding; n = 700 and 600 take the key-chunked
+# passes (more than 32 blocks of 8 float64 keys, the last chunk partial), with 37 rows: two full
+# tiles of 16 rows and a partial one
 @pytest.mark.parametrize("R,n,d", [(5, 1, 1), (37, 13, 3), (64, 70, 16), (9, 129, 17),
-                                   (20, 40, 2), (6, 33, 64)])
+                                   (20, 40, 2), (6, 33, 64), (37, 700, 16), (37, 600, 3)])
 def test_rows_match_numpy_float64(R, n, d):
     rng = np.random.default_rng(R * 1000 + n * 10 + d)
     z, x, w, g = _data(rng, R, n, d, pad=n > 1)

@@ -230,10 +230,19 @@ Split split_rows(int64_t batch, int64_t rows, int64_t threads) {
 // D > 0: the head dimension as a compile-time constant (accumulators live in registers);
 // D == 0: any d up to kMaxD, read at run time.
 constexpr int kMaxD = 64;
-constexpr int kUnroll = 4;  // key blocks per step of the score loops; keys are padded to it
+constexpr int kUnroll = 4;   // key blocks per step of the score loops; keys are padded to it
+constexpr int kTile = 16;    // rows per tile: they share each chunk of keys (fwd), each key block's dx (bwd)
 
+// Forward of the rows [r0, r1) in tiles of kTile rows, the keys in chunks of kKeyChunk blocks:
+// a chunk of transposed keys (32 KiB for 512 float32 keys, d = 16) stays in L1 while every row
+// of the tile passes over it, instead of each row streaming all n keys from L2.  Per tile:
+// scores and their maxima chunk by chunk; then each row's exps in a pass of their own; then the
+// weighted means chunk by chunk, each row's d accumulators kept in registers over a chunk.
+constexpr int64_t kKeyChunk = 32;  // key blocks per chunk (a multiple of kUnroll)
+
+// One row at a time over all its keys (n up to kKeyChunk blocks: the keys already sit in L1).
 template <class T, int D>
-void forward_rows(const T* z, const T* xt, const T* lwt, int64_t d_rt, int64_t npad,
+void forward_rows_whole(const T* z, const T* xt, const T* lwt, int64_t d_rt, int64_t npad,
                   int64_t r0, int64_t r1, T* s, T* y, T* lse) {
   typedef typename Simd<T>::V V;
   constexpr int W = Simd<T>::W;
@@ -282,15 +291,95 @@ void forward_rows(const T* z, const T* xt, const T* lwt, int64_t d_rt, int64_t n
   }
 }
 
-// Backward of a tile of up to kTile rows.  Per row, three passes over its keys: the scores and
-// g.x (kUnroll/2 key blocks at a time); p and ds alone (independent exps); the row's dz.  Then
-// one pass over the key blocks for the whole tile: each block's dx (d vectors) stays in registers
-// while the tile's rows add p g + ds z to it, so it is loaded and stored once per tile, not once
-// per row (that read-modify-write, not the arithmetic, bounded the one-row version).
-constexpr int kTile = 16;
+inline int64_t forward_scratch(int64_t npad, int64_t d, int64_t W) {  // elements
+  return kTile * npad + kTile * d * W + kTile * W;
+}
 
 template <class T, int D>
-void backward_rows(const T* z, const T* g, const T* lse, const T* dd, const T* xt, const T* lwt,
+void forward_rows(const T* z, const T* xt, const T* lwt, int64_t d_rt, int64_t npad,
+                  int64_t r0, int64_t r1, T* s, T* y, T* lse) {
+  typedef typename Simd<T>::V V;
+  constexpr int W = Simd<T>::W;
+  const int64_t d = D > 0 ? D : d_rt;
+  const int64_t blocks = npad / W;  // a multiple of kUnroll
+  const V* X = reinterpret_cast<const V*>(xt);
+  const V* LW = reinterpret_cast<const V*>(lwt);
+  V* S = reinterpret_cast<V*>(s);       // (kTile, blocks): scores, then probabilities
+  V* ACC = S + kTile * blocks;          // (kTile, d): the rows' running weighted sums
+  V* VMAX = ACC + kTile * d;            // (kTile,)
+  if (blocks <= kKeyChunk) return forward_rows_whole<T, D>(z, xt, lwt, d_rt, npad, r0, r1, s, y, lse);
+  V acc[D > 0 ? D : kMaxD];
+  for (int64_t t0 = r0; t0 < r1; t0 += kTile) {
+    const int64_t tile = std::min<int64_t>(kTile, r1 - t0);
+    for (int64_t r = 0; r < tile; ++r) VMAX[r] = V{} - std::numeric_limits<T>::infinity();
+    for (int64_t c0 = 0; c0 < blocks; c0 += kKeyChunk) {
+      const int64_t c1 = std::min<int64_t>(blocks, c0 + kKeyChunk);
+      for (int64_t r = 0; r < tile; ++r) {
+        const T* zi = z + (t0 + r) * d;
+        V* Sr = S + r * blocks;
+        V vmax = VMAX[r];
+        for (int64_t b = c0; b < c1; b += kUnroll) {
+          V sc[kUnroll];  // independent FMA chains: the sum over k is latency-bound otherwise
+          #pragma GCC unroll 8
+          for (int u = 0; u < kUnroll; ++u) sc[u] = LW[b + u];
+          #pragma GCC unroll 64
+          for (int64_t k = 0; k < d; ++k)
+            #pragma GCC unroll 8
+            for (int u = 0; u < kUnroll; ++u) sc[u] += zi[k] * X[(b + u) * d + k];
+          #pragma GCC unroll 8
+          for (int u = 0; u < kUnroll; ++u) {
+            Sr[b + u] = sc[u];
+            vmax = sc[u] > vmax ? sc[u] : vmax;
+          }
+        }
+        VMAX[r] = vmax;
+      }
+    }
+    T total[kTile];
+    for (int64_t r = 0; r < tile; ++r) {  // the exps alone: independent iterations
+      T m = hmax<V, W>(VMAX[r]);
+      if (!std::isfinite(m)) m = T(0);
+      V* Sr = S + r * blocks;
+      V vsum = V{};
+      for (int64_t b = 0; b < blocks; ++b) {
+        V p = vexp(Sr[b] - m);
+        Sr[b] = p;
+        vsum += p;
+      }
+      total[r] = hsum<V, W>(vsum);
+      lse[t0 + r] = m + std::log(total[r]);
+      for (int64_t k = 0; k < d; ++k) ACC[r * d + k] = V{};
+    }
+    for (int64_t c0 = 0; c0 < blocks; c0 += kKeyChunk) {
+      const int64_t c1 = std::min<int64_t>(blocks, c0 + kKeyChunk);
+      for (int64_t r = 0; r < tile; ++r) {
+        const V* Sr = S + r * blocks;
+        #pragma GCC unroll 64
+        for (int64_t k = 0; k < d; ++k) acc[k] = ACC[r * d + k];
+        for (int64_t b = c0; b < c1; ++b) {
+          V p = Sr[b];
+          #pragma GCC unroll 64
+          for (int64_t k = 0; k < d; ++k) acc[k] += p * X[b * d + k];
+        }
+        #pragma GCC unroll 64
+        for (int64_t k = 0; k < d; ++k) ACC[r * d + k] = acc[k];
+      }
+    }
+    for (int64_t r = 0; r < tile; ++r) {
+      hsum_many<T>(ACC + r * d, d, y + (t0 + r) * d);
+      for (int64_t k = 0; k < d; ++k) y[(t0 + r) * d + k] /= total[r];
+    }
+  }
+}
+
+// Backward of the rows [r0, r1) in tiles of kTile rows, for n up to kKeyChunk key blocks (the
+// keys sit in L1).  Per row, three passes over its keys: the scores and g.x (kUnroll/2 key blocks
+// at a time); p and ds alone (independent exps); the row's dz.  Then one pass over the key blocks
+// for the whole tile: each block's dx (d vectors) stays in registers while the tile's rows add
+// p g + ds z to it, so it is loaded and stored once per tile, not once per row (that
+// read-modify-write, not the arithmetic, bounded the one-row version).
+template <class T, int D>
+void backward_rows_whole(const T* z, const T* g, const T* lse, const T* dd, const T* xt, const T* lwt,
                    int64_t d_rt, int64_t npad, int64_t r0, int64_t r1, T* dz, T* dxt, T* dlw,
                    T* s) {
   typedef typename Simd<T>::V V;
@@ -367,6 +456,105 @@ void backward_rows(const T* z, const T* g, const T* lse, const T* dd, const T* x
   }
 }
 
+// The same for longer rows: the scores and g.x, then each row's dz, are computed a chunk of
+// kKeyChunk key blocks at a time for the whole tile, so that the chunk's keys stay in L1 while
+// the tile's rows pass over them (each row's dz sums wait in memory between chunks).
+template <class T, int D>
+void backward_rows(const T* z, const T* g, const T* lse, const T* dd, const T* xt, const T* lwt,
+                   int64_t d_rt, int64_t npad, int64_t r0, int64_t r1, T* dz, T* dxt, T* dlw,
+                   T* s) {
+  typedef typename Simd<T>::V V;
+  constexpr int W = Simd<T>::W;
+  constexpr int U = kUnroll / 2;
+  const int64_t d = D > 0 ? D : d_rt;
+  const int64_t blocks = npad / W;  // a multiple of kUnroll
+  const V* X = reinterpret_cast<const V*>(xt);
+  const V* LW = reinterpret_cast<const V*>(lwt);
+  V* DX = reinterpret_cast<V*>(dxt);
+  V* DL = reinterpret_cast<V*>(dlw);
+  V acc[D > 0 ? D : kMaxD];
+  if (blocks <= kKeyChunk)
+    return backward_rows_whole<T, D>(z, g, lse, dd, xt, lwt, d_rt, npad, r0, r1, dz, dxt, dlw, s);
+  V* ACC = reinterpret_cast<V*>(s) + kTile * 2 * blocks;  // (kTile, d): the rows' dz sums
+  for (int64_t t0 = r0; t0 < r1; t0 += kTile) {
+    const int64_t tile = std::min<int64_t>(kTile, r1 - t0);
+    for (int64_t c0 = 0; c0 < blocks; c0 += kKeyChunk) {  // scores and g.x, a key chunk at a time
+      const int64_t c1 = std::min<int64_t>(blocks, c0 + kKeyChunk);
+      for (int64_t r = 0; r < tile; ++r) {
+        const T* zi = z + (t0 + r) * d;
+        const T* gi = g + (t0 + r) * d;
+        V* P = reinterpret_cast<V*>(s) + r * 2 * blocks;  // scores, then probabilities
+        V* DS = P + blocks;                                // g.x, then score cotangents
+        for (int64_t b = c0; b < c1; b += U) {
+          V sc[U], dp[U];
+          #pragma GCC unroll 8
+          for (int u = 0; u < U; ++u) {
+            sc[u] = LW[b + u];
+            dp[u] = V{};
+          }
+          #pragma GCC unroll 64
+          for (int64_t k = 0; k < d; ++k) {
+            #pragma GCC unroll 8
+            for (int u = 0; u < U; ++u) {
+              V xk = X[(b + u) * d + k];
+              sc[u] += zi[k] * xk;
+              dp[u] += gi[k] * xk;
+            }
+          }
+          #pragma GCC unroll 8
+          for (int u = 0; u < U; ++u) {
+            P[b + u] = sc[u];
+            DS[b + u] = dp[u];
+          }
+        }
+      }
+    }
+    for (int64_t r = 0; r < tile; ++r) {  // p and ds alone: independent exps
+      const T li = lse[t0 + r], di = dd[t0 + r];
+      V* P = reinterpret_cast<V*>(s) + r * 2 * blocks;
+      V* DS = P + blocks;
+      for (int64_t b = 0; b < blocks; ++b) {
+        V p = vexp(P[b] - li);
+        V ds = p * (DS[b] - di);
+        P[b] = p;
+        DS[b] = ds;
+        DL[b] += ds;
+      }
+      for (int64_t k = 0; k < d; ++k) ACC[r * d + k] = V{};
+    }
+    for (int64_t c0 = 0; c0 < blocks; c0 += kKeyChunk) {  // each row's dz, a key chunk at a time
+      const int64_t c1 = std::min<int64_t>(blocks, c0 + kKeyChunk);
+      for (int64_t r = 0; r < tile; ++r) {
+        const V* DS = reinterpret_cast<const V*>(s) + r * 2 * blocks + blocks;
+        #pragma GCC unroll 64
+        for (int64_t k = 0; k < d; ++k) acc[k] = ACC[r * d + k];
+        for (int64_t b = c0; b < c1; ++b) {
+          V ds = DS[b];
+          #pragma GCC unroll 64
+          for (int64_t k = 0; k < d; ++k) acc[k] += ds * X[b * d + k];
+        }
+        #pragma GCC unroll 64
+        for (int64_t k = 0; k < d; ++k) ACC[r * d + k] = acc[k];
+      }
+    }
+    for (int64_t r = 0; r < tile; ++r) hsum_many<T>(ACC + r * d, d, dz + (t0 + r) * d);
+    for (int64_t b = 0; b < blocks; ++b) {
+      #pragma GCC unroll 64
+      for (int64_t k = 0; k < d; ++k) acc[k] = DX[b * d + k];
+      for (int64_t r = 0; r < tile; ++r) {
+        const T* zi = z + (t0 + r) * d;
+        const T* gi = g + (t0 + r) * d;
+        const V* P = reinterpret_cast<const V*>(s) + r * 2 * blocks;
+        const V p = P[b], ds = P[blocks + b];
+        #pragma GCC unroll 64
+        for (int64_t k = 0; k < d; ++k) acc[k] += p * gi[k] + ds * zi[k];
+      }
+      #pragma GCC unroll 64
+      for (int64_t k = 0; k < d; ++k) DX[b * d + k] = acc[k];
+    }
+  }
+}
+
 template <class T, int D>
 void forward_batch(ffi::ThreadPool& pool, const T* z, const T* x, const T* lw, int64_t batch,
                    int64_t rows, int64_t n, int64_t d, T* y, T* lse) {
@@ -375,7 +563,7 @@ void forward_batch(ffi::ThreadPool& pool, const T* z, const T* x, const T* lw, i
   Split sp = split_rows(batch, rows, pool.num_threads());
   parallel_tasks(pool, sp.tasks(), [&](int64_t t) {
     int64_t b = t / sp.chunks, c = t % sp.chunks;
-    Aligned<T> xt(d * npad), lwt(npad), s(npad);
+    Aligned<T> xt(d * npad), lwt(npad), s(forward_scratch(npad, d, W));
     transpose_keys(x + b * n * d, lw + b * n, n, d, npad, xt.p, lwt.p);
     forward_rows<T, D>(z + b * rows * d, xt.p, lwt.p, d, npad, sp.begin(c), sp.end(c), s.p,
                        y + b * rows * d, lse + b * rows);
@@ -393,7 +581,7 @@ void backward_batch(ffi::ThreadPool& pool, const T* z, const T* x, const T* lw, 
   Aligned<T> partials(sp.tasks() * part);
   parallel_tasks(pool, sp.tasks(), [&](int64_t t) {
     int64_t b = t / sp.chunks, c = t % sp.chunks;
-    Aligned<T> xt(d * npad), lwt(npad), s(2 * kTile * npad);
+    Aligned<T> xt(d * npad), lwt(npad), s(2 * kTile * npad + kTile * d * W);
     transpose_keys(x + b * n * d, lw + b * n, n, d, npad, xt.p, lwt.p);
     T* dxt = partials.p + t * part;
     std::fill(dxt, dxt + part, T(0));
@@ -509,7 +697,7 @@ void step_forward_batch(ffi::ThreadPool& pool, const T* x, const T* lw, const T*
   const T inv_m = T(1) / T(heads);
   parallel_tasks(pool, sp.tasks(), [&](int64_t t) {
     int64_t b = t / sp.chunks, c = t % sp.chunks;
-    Aligned<T> xt(d * npad), lwt(npad), s(npad), z(tt * heads * d);
+    Aligned<T> xt(d * npad), lwt(npad), s(forward_scratch(npad, d, W)), z(tt * heads * d);
     const T* xb = x + b * n * d;
     transpose_keys(xb, lw + b * n, n, d, npad, xt.p, lwt.p);
     for (int64_t i0 = sp.begin(c); i0 < sp.end(c); i0 += tt) {
@@ -545,7 +733,7 @@ void step_backward_batch(ffi::ThreadPool& pool, const T* x, const T* lw, const T
   parallel_tasks(pool, sp.tasks(), [&](int64_t t) {
     int64_t b = t / sp.chunks, c = t % sp.chunks;
     const int64_t rt = tt * heads;
-    Aligned<T> xt(d * npad), lwt(npad), s(2 * kTile * npad);
+    Aligned<T> xt(d * npad), lwt(npad), s(2 * kTile * npad + kTile * d * W);
     Aligned<T> z(rt * d), gy(rt * d), dd(rt), dz(rt * d);
     const T* xb = x + b * n * d;
     transpose_keys(xb, lw + b * n, n, d, npad, xt.p, lwt.p);
