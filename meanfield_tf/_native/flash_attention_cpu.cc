@@ -233,68 +233,130 @@ constexpr int kMaxD = 64;
 constexpr int kUnroll = 4;   // key blocks per step of the score loops; keys are padded to it
 constexpr int kTile = 16;    // rows per tile: they share each chunk of keys (fwd), each key block's dx (bwd)
 
-// Forward of the rows [r0, r1) in tiles of kTile rows, the keys in chunks of kKeyChunk blocks:
-// a chunk of transposed keys (32 KiB for 512 float32 keys, d = 16) stays in L1 while every row
-// of the tile passes over it, instead of each row streaming all n keys from L2.  Per tile:
-// scores and their maxima chunk by chunk; then each row's exps in a pass of their own; then the
-// weighted means chunk by chunk, each row's d accumulators kept in registers over a chunk.
-constexpr int64_t kKeyChunk = 32;  // key blocks per chunk (a multiple of kUnroll)
+constexpr int64_t kKeyChunk = 32;  // key blocks per chunk of keys (a multiple of kUnroll)
 
-// One row at a time over all its keys (n up to kKeyChunk blocks: the keys already sit in L1).
+// The passes of one row over the key blocks [b0, b1), shared by the loop orders below.  X holds
+// the keys transposed in blocks (block b: d vectors of W keys), LW their log-weights.
+
+// Scores S[b] = z . x + log w, kUnroll blocks at a time (independent FMA chains: the sum over k
+// is latency-bound otherwise); returns the running maximum.
 template <class T, int D>
-void forward_rows_whole(const T* z, const T* xt, const T* lwt, int64_t d_rt, int64_t npad,
-                  int64_t r0, int64_t r1, T* s, T* y, T* lse) {
+inline typename Simd<T>::V score_blocks(const T* zi, const typename Simd<T>::V* X,
+                                        const typename Simd<T>::V* LW, int64_t d_rt, int64_t b0,
+                                        int64_t b1, typename Simd<T>::V* S,
+                                        typename Simd<T>::V vmax) {
   typedef typename Simd<T>::V V;
-  constexpr int W = Simd<T>::W;
   const int64_t d = D > 0 ? D : d_rt;
-  const int64_t blocks = npad / W;  // a multiple of kUnroll
-  const V* X = reinterpret_cast<const V*>(xt);
-  const V* LW = reinterpret_cast<const V*>(lwt);
-  V* S = reinterpret_cast<V*>(s);
-  V acc[D > 0 ? D : kMaxD];
-  for (int64_t i = r0; i < r1; ++i) {
-    const T* zi = z + i * d;
-    V vmax = V{} - std::numeric_limits<T>::infinity();
-    for (int64_t b = 0; b < blocks; b += kUnroll) {
-      V sc[kUnroll];  // independent FMA chains: the sum over k is latency-bound otherwise
+  for (int64_t b = b0; b < b1; b += kUnroll) {
+    V sc[kUnroll];
+    #pragma GCC unroll 8
+    for (int u = 0; u < kUnroll; ++u) sc[u] = LW[b + u];
+    #pragma GCC unroll 64
+    for (int64_t k = 0; k < d; ++k)
       #pragma GCC unroll 8
-      for (int u = 0; u < kUnroll; ++u) sc[u] = LW[b + u];
-      #pragma GCC unroll 64
-      for (int64_t k = 0; k < d; ++k)
-        #pragma GCC unroll 8
-        for (int u = 0; u < kUnroll; ++u) sc[u] += zi[k] * X[(b + u) * d + k];
-      #pragma GCC unroll 8
-      for (int u = 0; u < kUnroll; ++u) {
-        S[b + u] = sc[u];
-        vmax = sc[u] > vmax ? sc[u] : vmax;
-      }
+      for (int u = 0; u < kUnroll; ++u) sc[u] += zi[k] * X[(b + u) * d + k];
+    #pragma GCC unroll 8
+    for (int u = 0; u < kUnroll; ++u) {
+      S[b + u] = sc[u];
+      vmax = sc[u] > vmax ? sc[u] : vmax;
     }
-    T m = hmax<V, W>(vmax);
-    if (!std::isfinite(m)) m = T(0);
-    V vsum = V{};
-    for (int64_t b = 0; b < blocks; ++b) {  // the exps alone: independent iterations
-      V p = vexp(S[b] - m);
-      S[b] = p;
-      vsum += p;
+  }
+  return vmax;
+}
+
+// Scores and g . x of the backward (kUnroll/2 blocks at a time, two chains each): P[b], DS[b].
+template <class T, int D>
+inline void score_dot_blocks(const T* zi, const T* gi, const typename Simd<T>::V* X,
+                             const typename Simd<T>::V* LW, int64_t d_rt, int64_t b0, int64_t b1,
+                             typename Simd<T>::V* P, typename Simd<T>::V* DS) {
+  typedef typename Simd<T>::V V;
+  constexpr int U = kUnroll / 2;
+  const int64_t d = D > 0 ? D : d_rt;
+  for (int64_t b = b0; b < b1; b += U) {
+    V sc[U], dp[U];
+    #pragma GCC unroll 8
+    for (int u = 0; u < U; ++u) {
+      sc[u] = LW[b + u];
+      dp[u] = V{};
     }
     #pragma GCC unroll 64
-    for (int64_t k = 0; k < d; ++k) acc[k] = V{};
-    for (int64_t b = 0; b < blocks; ++b) {
-      V p = S[b];
-      #pragma GCC unroll 64
-      for (int64_t k = 0; k < d; ++k) acc[k] += p * X[b * d + k];
+    for (int64_t k = 0; k < d; ++k) {
+      #pragma GCC unroll 8
+      for (int u = 0; u < U; ++u) {
+        V xk = X[(b + u) * d + k];
+        sc[u] += zi[k] * xk;
+        dp[u] += gi[k] * xk;
+      }
     }
-    T total = hsum<V, W>(vsum);
-    hsum_many<T>(acc, d, y + i * d);
-    for (int64_t k = 0; k < d; ++k) y[i * d + k] /= total;
-    lse[i] = m + std::log(total);
+    #pragma GCC unroll 8
+    for (int u = 0; u < U; ++u) {
+      P[b + u] = sc[u];
+      DS[b + u] = dp[u];
+    }
   }
+}
+
+// S[b] <- exp(S[b] - m) over all blocks, alone (independent iterations); returns the row's sum.
+template <class T>
+inline T exp_blocks(typename Simd<T>::V* S, int64_t blocks, T m) {
+  typedef typename Simd<T>::V V;
+  V vsum = V{};
+  for (int64_t b = 0; b < blocks; ++b) {
+    V p = vexp(S[b] - m);
+    S[b] = p;
+    vsum += p;
+  }
+  return hsum<V, Simd<T>::W>(vsum);
+}
+
+// p = exp(score - lse), ds = p (g.x - D) in place, and the log-weight cotangents DL += ds.
+template <class T>
+inline void prob_blocks(typename Simd<T>::V* P, typename Simd<T>::V* DS, typename Simd<T>::V* DL,
+                        int64_t blocks, T li, T di) {
+  typedef typename Simd<T>::V V;
+  for (int64_t b = 0; b < blocks; ++b) {
+    V p = vexp(P[b] - li);
+    V ds = p * (DS[b] - di);
+    P[b] = p;
+    DS[b] = ds;
+    DL[b] += ds;
+  }
+}
+
+// acc[k] += sum over blocks [b0, b1) of C[b] * x_k (the weighted sums of a row, in registers).
+template <class T, int D>
+inline void accumulate_blocks(const typename Simd<T>::V* C, const typename Simd<T>::V* X,
+                              int64_t d_rt, int64_t b0, int64_t b1, typename Simd<T>::V* acc) {
+  const int64_t d = D > 0 ? D : d_rt;
+  for (int64_t b = b0; b < b1; ++b) {
+    const typename Simd<T>::V c = C[b];
+    #pragma GCC unroll 64
+    for (int64_t k = 0; k < d; ++k) acc[k] += c * X[b * d + k];
+  }
+}
+
+// The same, the row's d accumulators loaded from and stored back to memory around the chunk.
+template <class T, int D>
+inline void accumulate_chunk(const typename Simd<T>::V* C, const typename Simd<T>::V* X,
+                             int64_t d_rt, int64_t b0, int64_t b1, typename Simd<T>::V* mem) {
+  typename Simd<T>::V acc[D > 0 ? D : kMaxD];
+  const int64_t d = D > 0 ? D : d_rt;
+  #pragma GCC unroll 64
+  for (int64_t k = 0; k < d; ++k) acc[k] = mem[k];
+  accumulate_blocks<T, D>(C, X, d_rt, b0, b1, acc);
+  #pragma GCC unroll 64
+  for (int64_t k = 0; k < d; ++k) mem[k] = acc[k];
 }
 
 inline int64_t forward_scratch(int64_t npad, int64_t d, int64_t W) {  // elements
   return kTile * npad + kTile * d * W + kTile * W;
 }
 
+// Forward of the rows [r0, r1).  Up to kKeyChunk key blocks (the keys sit in L1): one row at a
+// time, scores, exps, weighted means.  Longer rows: tiles of kTile rows, the keys in chunks of
+// kKeyChunk blocks (32 KiB for 512 float32 keys, d = 16) that stay in L1 while every row of the
+// tile passes over them, instead of each row streaming all n keys from L2; the rows' weighted
+// sums wait in memory between chunks.
 template <class T, int D>
 void forward_rows(const T* z, const T* xt, const T* lwt, int64_t d_rt, int64_t npad,
                   int64_t r0, int64_t r1, T* s, T* y, T* lse) {
@@ -304,67 +366,32 @@ void forward_rows(const T* z, const T* xt, const T* lwt, int64_t d_rt, int64_t n
   const int64_t blocks = npad / W;  // a multiple of kUnroll
   const V* X = reinterpret_cast<const V*>(xt);
   const V* LW = reinterpret_cast<const V*>(lwt);
-  V* S = reinterpret_cast<V*>(s);       // (kTile, blocks): scores, then probabilities
-  V* ACC = S + kTile * blocks;          // (kTile, d): the rows' running weighted sums
-  V* VMAX = ACC + kTile * d;            // (kTile,)
-  if (blocks <= kKeyChunk) return forward_rows_whole<T, D>(z, xt, lwt, d_rt, npad, r0, r1, s, y, lse);
-  V acc[D > 0 ? D : kMaxD];
+  V* S = reinterpret_cast<V*>(s);  // (kTile, blocks): scores, then probabilities
+  V* ACC = S + kTile * blocks;     // (kTile, d): the rows' weighted sums
+  V* VMAX = ACC + kTile * d;       // (kTile,)
+  const V ninf = V{} - std::numeric_limits<T>::infinity();
+  const bool whole = blocks <= kKeyChunk;
   for (int64_t t0 = r0; t0 < r1; t0 += kTile) {
     const int64_t tile = std::min<int64_t>(kTile, r1 - t0);
-    for (int64_t r = 0; r < tile; ++r) VMAX[r] = V{} - std::numeric_limits<T>::infinity();
-    for (int64_t c0 = 0; c0 < blocks; c0 += kKeyChunk) {
-      const int64_t c1 = std::min<int64_t>(blocks, c0 + kKeyChunk);
-      for (int64_t r = 0; r < tile; ++r) {
-        const T* zi = z + (t0 + r) * d;
-        V* Sr = S + r * blocks;
-        V vmax = VMAX[r];
-        for (int64_t b = c0; b < c1; b += kUnroll) {
-          V sc[kUnroll];  // independent FMA chains: the sum over k is latency-bound otherwise
-          #pragma GCC unroll 8
-          for (int u = 0; u < kUnroll; ++u) sc[u] = LW[b + u];
-          #pragma GCC unroll 64
-          for (int64_t k = 0; k < d; ++k)
-            #pragma GCC unroll 8
-            for (int u = 0; u < kUnroll; ++u) sc[u] += zi[k] * X[(b + u) * d + k];
-          #pragma GCC unroll 8
-          for (int u = 0; u < kUnroll; ++u) {
-            Sr[b + u] = sc[u];
-            vmax = sc[u] > vmax ? sc[u] : vmax;
-          }
-        }
-        VMAX[r] = vmax;
-      }
-    }
+    for (int64_t r = 0; r < tile; ++r) VMAX[r] = ninf;
+    for (int64_t c0 = 0; c0 < blocks; c0 += kKeyChunk)
+      for (int64_t r = 0; r < tile; ++r)
+        VMAX[r] = score_blocks<T, D>(z + (t0 + r) * d, X, LW, d, c0,
+                                     std::min<int64_t>(blocks, c0 + kKeyChunk), S + r * blocks,
+                                     VMAX[r]);
     T total[kTile];
-    for (int64_t r = 0; r < tile; ++r) {  // the exps alone: independent iterations
+    for (int64_t r = 0; r < tile; ++r) {
       T m = hmax<V, W>(VMAX[r]);
       if (!std::isfinite(m)) m = T(0);
-      V* Sr = S + r * blocks;
-      V vsum = V{};
-      for (int64_t b = 0; b < blocks; ++b) {
-        V p = vexp(Sr[b] - m);
-        Sr[b] = p;
-        vsum += p;
-      }
-      total[r] = hsum<V, W>(vsum);
+      total[r] = exp_blocks<T>(S + r * blocks, blocks, m);
       lse[t0 + r] = m + std::log(total[r]);
       for (int64_t k = 0; k < d; ++k) ACC[r * d + k] = V{};
+      if (whole) accumulate_chunk<T, D>(S + r * blocks, X, d, 0, blocks, ACC + r * d);
     }
-    for (int64_t c0 = 0; c0 < blocks; c0 += kKeyChunk) {
-      const int64_t c1 = std::min<int64_t>(blocks, c0 + kKeyChunk);
-      for (int64_t r = 0; r < tile; ++r) {
-        const V* Sr = S + r * blocks;
-        #pragma GCC unroll 64
-        for (int64_t k = 0; k < d; ++k) acc[k] = ACC[r * d + k];
-        for (int64_t b = c0; b < c1; ++b) {
-          V p = Sr[b];
-          #pragma GCC unroll 64
-          for (int64_t k = 0; k < d; ++k) acc[k] += p * X[b * d + k];
-        }
-        #pragma GCC unroll 64
-        for (int64_t k = 0; k < d; ++k) ACC[r * d + k] = acc[k];
-      }
-    }
+    for (int64_t c0 = 0; !whole && c0 < blocks; c0 += kKeyChunk)
+      for (int64_t r = 0; r < tile; ++r)
+        accumulate_chunk<T, D>(S + r * blocks, X, d, c0, std::min<int64_t>(blocks, c0 + kKeyChunk),
+                               ACC + r * d);
     for (int64_t r = 0; r < tile; ++r) {
       hsum_many<T>(ACC + r * d, d, y + (t0 + r) * d);
       for (int64_t k = 0; k < d; ++k) y[(t0 + r) * d + k] /= total[r];
@@ -372,180 +399,61 @@ void forward_rows(const T* z, const T* xt, const T* lwt, int64_t d_rt, int64_t n
   }
 }
 
-// Backward of the rows [r0, r1) in tiles of kTile rows, for n up to kKeyChunk key blocks (the
-// keys sit in L1).  Per row, three passes over its keys: the scores and g.x (kUnroll/2 key blocks
-// at a time); p and ds alone (independent exps); the row's dz.  Then one pass over the key blocks
-// for the whole tile: each block's dx (d vectors) stays in registers while the tile's rows add
-// p g + ds z to it, so it is loaded and stored once per tile, not once per row (that
-// read-modify-write, not the arithmetic, bounded the one-row version).
-template <class T, int D>
-void backward_rows_whole(const T* z, const T* g, const T* lse, const T* dd, const T* xt, const T* lwt,
-                   int64_t d_rt, int64_t npad, int64_t r0, int64_t r1, T* dz, T* dxt, T* dlw,
-                   T* s) {
-  typedef typename Simd<T>::V V;
-  constexpr int W = Simd<T>::W;
-  constexpr int U = kUnroll / 2;
-  const int64_t d = D > 0 ? D : d_rt;
-  const int64_t blocks = npad / W;  // a multiple of kUnroll
-  const V* X = reinterpret_cast<const V*>(xt);
-  const V* LW = reinterpret_cast<const V*>(lwt);
-  V* DX = reinterpret_cast<V*>(dxt);
-  V* DL = reinterpret_cast<V*>(dlw);
-  V acc[D > 0 ? D : kMaxD];
-  for (int64_t t0 = r0; t0 < r1; t0 += kTile) {
-    const int64_t tile = std::min<int64_t>(kTile, r1 - t0);
-    for (int64_t r = 0; r < tile; ++r) {
-      const int64_t i = t0 + r;
-      const T* zi = z + i * d;
-      const T* gi = g + i * d;
-      const T li = lse[i], di = dd[i];
-      V* P = reinterpret_cast<V*>(s) + r * 2 * blocks;  // scores, then probabilities
-      V* DS = P + blocks;                                // g.x, then score cotangents
-      for (int64_t b = 0; b < blocks; b += U) {
-        V sc[U], dp[U];
-        #pragma GCC unroll 8
-        for (int u = 0; u < U; ++u) {
-          sc[u] = LW[b + u];
-          dp[u] = V{};
-        }
-        #pragma GCC unroll 64
-        for (int64_t k = 0; k < d; ++k) {
-          #pragma GCC unroll 8
-          for (int u = 0; u < U; ++u) {
-            V xk = X[(b + u) * d + k];
-            sc[u] += zi[k] * xk;
-            dp[u] += gi[k] * xk;
-          }
-        }
-        #pragma GCC unroll 8
-        for (int u = 0; u < U; ++u) {
-          P[b + u] = sc[u];
-          DS[b + u] = dp[u];
-        }
-      }
-      for (int64_t b = 0; b < blocks; ++b) {
-        V p = vexp(P[b] - li);
-        V ds = p * (DS[b] - di);
-        P[b] = p;
-        DS[b] = ds;
-        DL[b] += ds;
-      }
-      #pragma GCC unroll 64
-      for (int64_t k = 0; k < d; ++k) acc[k] = V{};
-      for (int64_t b = 0; b < blocks; ++b) {
-        V ds = DS[b];
-        #pragma GCC unroll 64
-        for (int64_t k = 0; k < d; ++k) acc[k] += ds * X[b * d + k];
-      }
-      hsum_many<T>(acc, d, dz + i * d);
-    }
-    for (int64_t b = 0; b < blocks; ++b) {
-      #pragma GCC unroll 64
-      for (int64_t k = 0; k < d; ++k) acc[k] = DX[b * d + k];
-      for (int64_t r = 0; r < tile; ++r) {
-        const T* zi = z + (t0 + r) * d;
-        const T* gi = g + (t0 + r) * d;
-        const V* P = reinterpret_cast<const V*>(s) + r * 2 * blocks;
-        const V p = P[b], ds = P[blocks + b];
-        #pragma GCC unroll 64
-        for (int64_t k = 0; k < d; ++k) acc[k] += p * gi[k] + ds * zi[k];
-      }
-      #pragma GCC unroll 64
-      for (int64_t k = 0; k < d; ++k) DX[b * d + k] = acc[k];
-    }
-  }
-}
-
-// The same for longer rows: the scores and g.x, then each row's dz, are computed a chunk of
-// kKeyChunk key blocks at a time for the whole tile, so that the chunk's keys stay in L1 while
-// the tile's rows pass over them (each row's dz sums wait in memory between chunks).
+// Backward of the rows [r0, r1) in tiles of kTile rows.  Per row: the scores and g.x; p and ds
+// alone (independent exps); the row's dz (for long rows, these passes go a chunk of kKeyChunk
+// blocks at a time over the whole tile, so that the chunk's keys stay in L1).  Then one pass
+// over the key blocks for the whole tile: each block's dx (d vectors) stays in registers while
+// the tile's rows add p g + ds z to it, so it is loaded and stored once per tile, not once per
+// row (that read-modify-write, not the arithmetic, bounded the one-row version).
 template <class T, int D>
 void backward_rows(const T* z, const T* g, const T* lse, const T* dd, const T* xt, const T* lwt,
                    int64_t d_rt, int64_t npad, int64_t r0, int64_t r1, T* dz, T* dxt, T* dlw,
                    T* s) {
   typedef typename Simd<T>::V V;
   constexpr int W = Simd<T>::W;
-  constexpr int U = kUnroll / 2;
   const int64_t d = D > 0 ? D : d_rt;
   const int64_t blocks = npad / W;  // a multiple of kUnroll
   const V* X = reinterpret_cast<const V*>(xt);
   const V* LW = reinterpret_cast<const V*>(lwt);
   V* DX = reinterpret_cast<V*>(dxt);
   V* DL = reinterpret_cast<V*>(dlw);
-  V acc[D > 0 ? D : kMaxD];
-  if (blocks <= kKeyChunk)
-    return backward_rows_whole<T, D>(z, g, lse, dd, xt, lwt, d_rt, npad, r0, r1, dz, dxt, dlw, s);
   V* ACC = reinterpret_cast<V*>(s) + kTile * 2 * blocks;  // (kTile, d): the rows' dz sums
+  const bool whole = blocks <= kKeyChunk;
+  V acc[D > 0 ? D : kMaxD];
   for (int64_t t0 = r0; t0 < r1; t0 += kTile) {
     const int64_t tile = std::min<int64_t>(kTile, r1 - t0);
-    for (int64_t c0 = 0; c0 < blocks; c0 += kKeyChunk) {  // scores and g.x, a key chunk at a time
+    auto P = [&](int64_t r) { return reinterpret_cast<V*>(s) + r * 2 * blocks; };
+    for (int64_t c0 = 0; c0 < blocks; c0 += kKeyChunk) {
       const int64_t c1 = std::min<int64_t>(blocks, c0 + kKeyChunk);
       for (int64_t r = 0; r < tile; ++r) {
-        const T* zi = z + (t0 + r) * d;
-        const T* gi = g + (t0 + r) * d;
-        V* P = reinterpret_cast<V*>(s) + r * 2 * blocks;  // scores, then probabilities
-        V* DS = P + blocks;                                // g.x, then score cotangents
-        for (int64_t b = c0; b < c1; b += U) {
-          V sc[U], dp[U];
-          #pragma GCC unroll 8
-          for (int u = 0; u < U; ++u) {
-            sc[u] = LW[b + u];
-            dp[u] = V{};
-          }
-          #pragma GCC unroll 64
-          for (int64_t k = 0; k < d; ++k) {
-            #pragma GCC unroll 8
-            for (int u = 0; u < U; ++u) {
-              V xk = X[(b + u) * d + k];
-              sc[u] += zi[k] * xk;
-              dp[u] += gi[k] * xk;
-            }
-          }
-          #pragma GCC unroll 8
-          for (int u = 0; u < U; ++u) {
-            P[b + u] = sc[u];
-            DS[b + u] = dp[u];
-          }
-        }
+        score_dot_blocks<T, D>(z + (t0 + r) * d, g + (t0 + r) * d, X, LW, d, c0, c1, P(r),
+                               P(r) + blocks);
+        if (!whole) continue;
+        prob_blocks<T>(P(r), P(r) + blocks, DL, blocks, lse[t0 + r], dd[t0 + r]);
+        #pragma GCC unroll 64
+        for (int64_t k = 0; k < d; ++k) acc[k] = V{};
+        accumulate_blocks<T, D>(P(r) + blocks, X, d, 0, blocks, acc);
+        hsum_many<T>(acc, d, dz + (t0 + r) * d);
       }
     }
-    for (int64_t r = 0; r < tile; ++r) {  // p and ds alone: independent exps
-      const T li = lse[t0 + r], di = dd[t0 + r];
-      V* P = reinterpret_cast<V*>(s) + r * 2 * blocks;
-      V* DS = P + blocks;
-      for (int64_t b = 0; b < blocks; ++b) {
-        V p = vexp(P[b] - li);
-        V ds = p * (DS[b] - di);
-        P[b] = p;
-        DS[b] = ds;
-        DL[b] += ds;
-      }
-      for (int64_t k = 0; k < d; ++k) ACC[r * d + k] = V{};
-    }
-    for (int64_t c0 = 0; c0 < blocks; c0 += kKeyChunk) {  // each row's dz, a key chunk at a time
-      const int64_t c1 = std::min<int64_t>(blocks, c0 + kKeyChunk);
+    if (!whole) {
       for (int64_t r = 0; r < tile; ++r) {
-        const V* DS = reinterpret_cast<const V*>(s) + r * 2 * blocks + blocks;
-        #pragma GCC unroll 64
-        for (int64_t k = 0; k < d; ++k) acc[k] = ACC[r * d + k];
-        for (int64_t b = c0; b < c1; ++b) {
-          V ds = DS[b];
-          #pragma GCC unroll 64
-          for (int64_t k = 0; k < d; ++k) acc[k] += ds * X[b * d + k];
-        }
-        #pragma GCC unroll 64
-        for (int64_t k = 0; k < d; ++k) ACC[r * d + k] = acc[k];
+        prob_blocks<T>(P(r), P(r) + blocks, DL, blocks, lse[t0 + r], dd[t0 + r]);
+        for (int64_t k = 0; k < d; ++k) ACC[r * d + k] = V{};
       }
+      for (int64_t c0 = 0; c0 < blocks; c0 += kKeyChunk)
+        for (int64_t r = 0; r < tile; ++r)
+          accumulate_chunk<T, D>(P(r) + blocks, X, d, c0, std::min<int64_t>(blocks, c0 + kKeyChunk),
+                                 ACC + r * d);
+      for (int64_t r = 0; r < tile; ++r) hsum_many<T>(ACC + r * d, d, dz + (t0 + r) * d);
     }
-    for (int64_t r = 0; r < tile; ++r) hsum_many<T>(ACC + r * d, d, dz + (t0 + r) * d);
     for (int64_t b = 0; b < blocks; ++b) {
       #pragma GCC unroll 64
       for (int64_t k = 0; k < d; ++k) acc[k] = DX[b * d + k];
       for (int64_t r = 0; r < tile; ++r) {
         const T* zi = z + (t0 + r) * d;
         const T* gi = g + (t0 + r) * d;
-        const V* P = reinterpret_cast<const V*>(s) + r * 2 * blocks;
-        const V p = P[b], ds = P[blocks + b];
+        const V p = P(r)[b], ds = P(r)[blocks + b];
         #pragma GCC unroll 64
         for (int64_t k = 0; k < d; ++k) acc[k] += p * gi[k] + ds * zi[k];
       }
