@@ -42,11 +42,11 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from ._errors import InputError
-from ._flash import _backward, _forward
+from ._flash import _backward, _forward, weight_cotangent
 from ._flow import check_compatible
 from ._heads import HeadMeasure, interpolate_cell, merged_query_key
-from ._native_attention import (native_mode, native_step_backward, native_step_forward,
-                                native_usable, on_cpu)
+from ._native_attention import (native_mode, native_or_xla, native_step_backward,
+                                native_step_forward, native_usable)
 from ._risks import AbstractRisk
 from ._tokens import TokenBatch, log_weights
 from ._units import Block
@@ -83,10 +83,7 @@ def _step_fwd(x, w, A, V, h, chunk_size, block_rows):
     def native(x, w, A, V):  # one call: rows, queries and values formed in the kernel
         return native_step_forward(x, log_weights(w), A, V)
 
-    if native_usable(x.dtype, d):
-        v, y, lse = on_cpu(native, xla, x, w, A, V)
-    else:
-        v, y, lse = xla(x, w, A, V)
+    v, y, lse = native_or_xla(native_usable(x.dtype, d), native, xla, x, w, A, V)
     return x + h * v, (x, w, A, V, y, lse)
 
 
@@ -108,13 +105,9 @@ def _step_bwd(h, chunk_size, block_rows, res, g):
 
     def native(x, w, A, V, y, lse, g):
         dx, dlw, dA, dV = native_step_backward(x, log_weights(w), A, V, y, lse, h * g)
-        pos = w > 0
-        return dx, jnp.where(pos, dlw / jnp.where(pos, w, 1), 0), dA, dV
+        return dx, weight_cotangent(dlw, w), dA, dV
 
-    if native_usable(x.dtype, d):
-        dx, dw, dA, dV = on_cpu(native, xla, x, w, A, V, y, lse, g)
-    else:
-        dx, dw, dA, dV = xla(x, w, A, V, y, lse, g)
+    dx, dw, dA, dV = native_or_xla(native_usable(x.dtype, d), native, xla, x, w, A, V, y, lse, g)
     return g + dx, dw, dA, dV
 
 

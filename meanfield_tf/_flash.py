@@ -39,8 +39,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from ._native_attention import (native_rows_backward, native_rows_forward, native_usable,
-                                on_cpu)
+from ._native_attention import (native_or_xla, native_rows_backward, native_rows_forward,
+                                native_usable)
 from ._tokens import log_weights
 
 
@@ -152,9 +152,8 @@ def _rows_forward(z, x, w, chunk_size, block_rows, native=True):
         y, lse = jax.lax.map(lambda zb: _fwd_block(zb, xk, lwk), _blocks(z, r, 0))
         return y.reshape(-1, d)[:rows], lse.reshape(-1)[:rows]
 
-    if native and native_usable(z.dtype, d):
-        return on_cpu(lambda z, x, w: native_rows_forward(z, x, log_weights(w)), xla, z, x, w)
-    return xla(z, x, w)
+    return native_or_xla(native and native_usable(z.dtype, d),
+                         lambda z, x, w: native_rows_forward(z, x, log_weights(w)), xla, z, x, w)
 
 
 def _forward(x, w, A, V, chunk_size, block_rows, native=True):
@@ -220,9 +219,7 @@ def _rows_backward(z, gy, D, lse, x, w, chunk_size, block_rows):
         dz, dx, dlw = native_rows_backward(z, x, log_weights(w), lse, gy, D)
         return dz.T, dx, dlw
 
-    if native_usable(z.dtype, d):
-        return on_cpu(native, xla, z, gy, D, lse, x, w)
-    return xla(z, gy, D, lse, x, w)
+    return native_or_xla(native_usable(z.dtype, d), native, xla, z, gy, D, lse, x, w)
 
 
 def _backward(x, w, A, V, y, lse, g, chunk_size, block_rows):
@@ -240,9 +237,14 @@ def _backward(x, w, A, V, y, lse, g, chunk_size, block_rows):
     dzt = dzt.reshape(d, n, m_heads)  # dz transposed: (e, i, m)
     dx = dxk + jnp.einsum("enm,mde->nd", dzt, A)
     dA = jnp.einsum("nd,enm->mde", x, dzt)
+    return dx, weight_cotangent(dlw, w), dA, dV
+
+
+def weight_cotangent(dlw, w):
+    """The cotangent of the weights `w` from that of their logarithms: `dlw / w` where `w > 0`,
+    0 at padding (the derivative of `log w` is infinite there, and padding is data)."""
     pos = w > 0
-    dw = jnp.where(pos, dlw / jnp.where(pos, w, 1), 0)
-    return dx, dw, dA, dV
+    return jnp.where(pos, dlw / jnp.where(pos, w, 1), 0)
 
 
 def _flash_bwd(chunk_size, block_rows, res, g):

@@ -29,7 +29,7 @@ cache key includes the CPU's feature flags.
 - `"on"`: the same, but a failed build raises `InputError` with the compiler's message;
 - `"off"`: always the XLA path.
 
-Only the CPU is affected (`on_cpu`): on a machine without an accelerator the native branch is
+Only the CPU is affected (`native_or_xla`): on a machine without an accelerator the native branch is
 the only one traced; where JAX's default backend is a GPU or TPU, `jax.lax.platform_dependent`
 keeps XLA's blocks for those lowerings and the kernel for computations placed on the CPU.
 """
@@ -93,24 +93,23 @@ _lock = threading.Lock()
 _state: dict = {"mode": None, "built": None, "library": None, "reason": ""}
 
 
-def _initial_mode() -> str:
-    mode = os.environ.get("MEANFIELD_TF_NATIVE", "auto").strip().lower()
+def _checked(mode: str, what: str = "native kernel mode", fix: str = "") -> str:
     if mode not in MODES:
-        raise InputError(
-            f"MEANFIELD_TF_NATIVE must be one of {', '.join(MODES)}, got {mode!r}; "
-            f"unset it for the default (auto)"
-        )
+        raise InputError(f"{what} must be one of {', '.join(MODES)}, got {mode!r}{fix}")
     return mode
+
+
+def _initial_mode() -> str:
+    return _checked(os.environ.get("MEANFIELD_TF_NATIVE", "auto").strip().lower(),
+                    "MEANFIELD_TF_NATIVE", "; unset it for the default (auto)")
 
 
 def set_native_kernels(mode: str) -> str:
     """Choose whether CPU attention runs the native kernel: `"auto"`, `"on"` or `"off"`
     (module docstring). Returns the previous mode. Clears JAX's compilation caches, since
     functions traced before the change would keep the old choice."""
-    if mode not in MODES:
-        raise InputError(f"native kernel mode must be one of {', '.join(MODES)}, got {mode!r}")
     previous = native_mode()
-    _state["mode"] = mode
+    _state["mode"] = _checked(mode)
     if mode != previous:
         jax.clear_caches()
     return previous
@@ -121,10 +120,8 @@ def native_kernels(mode: str):
     """`with native_kernels("off"): ...` — the mode for the functions traced inside the block
     (and restored after). It does not clear JAX's caches: use it around a first trace (as the
     benchmarks do), or use `set_native_kernels` for a lasting change."""
-    if mode not in MODES:
-        raise InputError(f"native kernel mode must be one of {', '.join(MODES)}, got {mode!r}")
     previous = native_mode()
-    _state["mode"] = mode
+    _state["mode"] = _checked(mode)
     try:
         yield
     finally:
@@ -258,11 +255,14 @@ def native_usable(dtype, d: int) -> bool:
     return _load()
 
 
-def on_cpu(native_fn, xla_fn, *args):
-    """`native_fn(*args)` where the computation runs on the CPU, `xla_fn(*args)` elsewhere.
+def native_or_xla(use_native: bool, native_fn, xla_fn, *args):
+    """`xla_fn(*args)` unless `use_native`; then `native_fn(*args)` where the computation runs on
+    the CPU and `xla_fn(*args)` elsewhere.
 
     Without an accelerator (JAX's default backend is the CPU) only the native branch is traced;
     otherwise `jax.lax.platform_dependent` picks the branch when the computation is lowered."""
+    if not use_native:
+        return xla_fn(*args)
     if jax.default_backend() == "cpu":
         return native_fn(*args)
     return jax.lax.platform_dependent(*args, cpu=native_fn, default=xla_fn)

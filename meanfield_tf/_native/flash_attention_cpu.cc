@@ -463,6 +463,29 @@ void backward_rows(const T* z, const T* g, const T* lse, const T* dd, const T* x
   }
 }
 
+// The key cotangents of each sequence, summed over its `chunks` tasks' partials (each `part`
+// elements: d vectors per key block, then the log-weight cotangents), back to dx (n, d) (added to
+// what dx holds when `add`) and dlw (n,).
+template <class T>
+void sum_key_partials(const T* partials, int64_t batch, int64_t chunks, int64_t part, int64_t n,
+                      int64_t d, int64_t npad, bool add, T* dx, T* dlw) {
+  constexpr int W = Simd<T>::W;
+  for (int64_t b = 0; b < batch; ++b) {
+    const T* pb = partials + b * chunks * part;
+    for (int64_t j = 0; j < n; ++j) {
+      for (int64_t k = 0; k < d; ++k) {
+        T acc = 0;
+        for (int64_t c = 0; c < chunks; ++c) acc += pb[c * part + (j / W) * d * W + k * W + j % W];
+        T& out = dx[(b * n + j) * d + k];
+        out = add ? out + acc : acc;
+      }
+      T acc = 0;
+      for (int64_t c = 0; c < chunks; ++c) acc += pb[c * part + d * npad + j];
+      dlw[b * n + j] = acc;
+    }
+  }
+}
+
 template <class T, int D>
 void forward_batch(ffi::ThreadPool& pool, const T* z, const T* x, const T* lw, int64_t batch,
                    int64_t rows, int64_t n, int64_t d, T* y, T* lse) {
@@ -497,20 +520,7 @@ void backward_batch(ffi::ThreadPool& pool, const T* z, const T* x, const T* lw, 
                         lwt.p, d, npad, sp.begin(c), sp.end(c), dz + b * rows * d, dxt,
                         dxt + d * npad, s.p);
   });
-  for (int64_t b = 0; b < batch; ++b) {  // sum the partials of each sequence, back to (n, d)
-    for (int64_t j = 0; j < n; ++j) {
-      #pragma GCC unroll 64
-      for (int64_t k = 0; k < d; ++k) {
-        T acc = 0;
-        for (int64_t c = 0; c < sp.chunks; ++c)
-          acc += partials.p[(b * sp.chunks + c) * part + (j / W) * d * W + k * W + j % W];
-        dx[(b * n + j) * d + k] = acc;
-      }
-      T acc = 0;
-      for (int64_t c = 0; c < sp.chunks; ++c) acc += partials.p[(b * sp.chunks + c) * part + d * npad + j];
-      dlw[b * n + j] = acc;
-    }
-  }
+  sum_key_partials(partials.p, batch, sp.chunks, part, n, d, npad, false, dx, dlw);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -681,19 +691,7 @@ void step_backward_batch(ffi::ThreadPool& pool, const T* x, const T* lw, const T
       }
     }
   });
-  for (int64_t b = 0; b < batch; ++b) {  // key and value roles: the partials of each sequence
-    for (int64_t j = 0; j < n; ++j) {
-      for (int64_t k = 0; k < d; ++k) {
-        T acc = 0;
-        for (int64_t c = 0; c < sp.chunks; ++c)
-          acc += partials.p[(b * sp.chunks + c) * part + (j / W) * d * W + k * W + j % W];
-        dx[(b * n + j) * d + k] += acc;
-      }
-      T acc = 0;
-      for (int64_t c = 0; c < sp.chunks; ++c) acc += partials.p[(b * sp.chunks + c) * part + d * npad + j];
-      dlw[b * n + j] = acc;
-    }
-  }
+  sum_key_partials(partials.p, batch, sp.chunks, part, n, d, npad, true, dx, dlw);
   std::fill(dA, dA + heads * d * d, T(0));
   std::fill(dV, dV + heads * d * d, T(0));
   for (int64_t t = 0; t < sp.tasks(); ++t) {
